@@ -1,0 +1,1 @@
+"""cluster-engine: a self-hostable implementation of the Cluster Engine Images API."""

@@ -1,0 +1,3 @@
+from cluster_engine.cli import main
+
+main()

@@ -1,0 +1,268 @@
+"""The ``cluster-engine`` command: serve, token, db, catalog. The only module that reads the environment."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import uuid
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from . import db
+from .auth import SCOPE_ADMIN, SCOPE_WRITE, Verifier, mint_token, signing_secret
+from .config import ConfigError, Settings, load_settings
+from .errors import ApiError, RequestInvalid
+from .store import ImportReport, Store
+from .validation import read_catalog_entries
+
+log = logging.getLogger("cluster_engine")
+
+DEMO_ORG = uuid.UUID("0b7e2f52-4c1a-4d52-9a57-2f1c3c2d9e01")
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings(os.environ)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _program() -> str:
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return sys.argv[0] if name == "cluster-engine" else f"{Path(sys.executable).name} -m cluster_engine"
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def worker_app() -> Any:
+    """Granian's factory target: each worker process builds its app from the same environment."""
+    from .app import create_app
+
+    _configure_logging(os.environ.get("CE_LOG_LEVEL", "info"))
+    return create_app(load_settings(os.environ))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(metadata.version("cluster-engine"), prog_name="cluster-engine")
+def main() -> None:
+    """cluster-engine: the Cluster Engine Images API, self-hosted."""
+
+
+# ----------------------------------------------------------------------------------------------- serve
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", default=8080, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on."
+)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Worker processes.")
+@click.option("--demo", is_flag=True, help="Load the bundled demo catalog when the catalog is empty.")
+@click.option(
+    "--migrate/--no-migrate",
+    default=None,
+    help="Apply database migrations before serving (default: only for SQLite).",
+)
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
+def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, log_level: str) -> None:
+    """Run the API server."""
+    from granian import Granian
+    from granian.constants import Interfaces
+    from granian.log import LogLevels
+
+    settings = _settings()
+    _configure_logging(log_level)
+    is_sqlite = settings.database_url.startswith("sqlite")
+    if migrate or (migrate is None and is_sqlite):
+        db.upgrade(settings.database_url)
+    secret = signing_secret(settings, create=True)
+    try:
+        Verifier(settings)  # fail now, not in every worker, when the key configuration is unusable
+    except (ConfigError, OSError, ValueError) as exc:
+        raise click.ClickException(f"JWT key configuration: {exc}") from None
+    loaded = asyncio.run(_load_demo(settings)) if demo else None
+    # Workers rebuild Settings from the environment; pin what defaults resolved to here.
+    os.environ["CE_DATA_DIR"] = str(settings.data_dir)
+    os.environ["CE_DATABASE_URL"] = settings.database_url
+    os.environ["CE_LOG_LEVEL"] = log_level
+    shown_host = f"[{host}]" if ":" in host else host
+    url = f"http://{shown_host}:{port}"
+    lines = [
+        f"cluster-engine serving {url} ({workers} worker{'s' if workers > 1 else ''})",
+        f"  database: {_redact(settings.database_url)}",
+    ]
+    if loaded is not None:
+        lines.append(f"  demo catalog: {loaded}")
+    if secret is not None and not settings.jwt_secret:
+        lines.append(f"  auth: development secret in {settings.dev_secret_path}")
+    if secret is not None:
+        org = DEMO_ORG if demo else uuid.UUID(int=0)
+        lines += [
+            "  get a token and list images:",
+            f"    TOKEN=$({_program()} token --org {org})",
+            f'    curl -H "Authorization: Bearer $TOKEN" {url}/v1/images',
+        ]
+    else:
+        lines.append("  auth: tokens from your identity provider (public key / JWKS configured)")
+    click.echo("\n".join(lines), err=False)
+    sys.stdout.flush()
+    Granian(
+        "cluster_engine.cli:worker_app",
+        factory=True,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=workers,
+        log_level=LogLevels(log_level),
+        log_access=False,
+    ).serve()
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+
+
+async def _load_demo(settings: Settings) -> str:
+    store = Store.open(settings.database_url)
+    try:
+        if await store.count():
+            return "not loaded (the catalog already has images)"
+        report = await store.import_catalog(read_catalog_entries(demo_catalog()))
+        return f"{len(report.created)} images loaded"
+    finally:
+        await store.close()
+
+
+def demo_catalog() -> Any:
+    text = (resources.files("cluster_engine") / "demo" / "catalog.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+# ----------------------------------------------------------------------------------------------- token
+
+_DURATION = re.compile(r"(\d+)([smhd]?)")
+
+
+def _duration(value: str) -> int:
+    match = _DURATION.fullmatch(value.strip())
+    if not match or int(match.group(1)) == 0:
+        raise click.BadParameter("a positive duration such as 3600, 90m, 12h or 7d")
+    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+@main.command()
+@click.option("--org", "org", required=True, type=click.UUID, help="The caller's org (the orgId claim).")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    help=f"Scope to grant, repeatable or space-separated ({SCOPE_WRITE}, {SCOPE_ADMIN}).",
+)
+@click.option("--ttl", default="1h", show_default=True, help="Lifetime: seconds, or with s/m/h/d.")
+@click.option("--subject", default=None, help="The sub claim (who the token stands for).")
+def token(org: uuid.UUID, scopes: tuple[str, ...], ttl: str, subject: str | None) -> None:
+    """Mint a bearer token signed with CE_JWT_SECRET (or the generated development secret)."""
+    settings = _settings()
+    secret = signing_secret(settings, create=True)
+    if secret is None:
+        raise click.ClickException(
+            "tokens are verified with a public key or JWKS here; mint them with your identity provider"
+        )
+    granted = [scope for value in scopes for scope in value.split()]
+    click.echo(
+        mint_token(
+            secret,
+            org,
+            scopes=granted,
+            ttl=_duration(ttl),
+            subject=subject,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
+    )
+
+
+# -------------------------------------------------------------------------------------------------- db
+
+
+@main.group(name="db")
+def db_group() -> None:
+    """Database schema migrations."""
+
+
+@db_group.command()
+@click.option("--revision", default="head", show_default=True)
+def upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION."""
+    settings = _settings()
+    db.upgrade(settings.database_url, revision)
+    click.echo(f"database at {revision}: {_redact(settings.database_url)}")
+
+
+@db_group.command()
+@click.argument("revision")
+def downgrade(revision: str) -> None:
+    """Revert migrations down to REVISION (``base`` removes every table)."""
+    settings = _settings()
+    db.downgrade(settings.database_url, revision)
+    click.echo(f"database at {revision}: {_redact(settings.database_url)}")
+
+
+# --------------------------------------------------------------------------------------------- catalog
+
+
+@main.group()
+def catalog() -> None:
+    """Catalog files: import the images an operator publishes."""
+
+
+@catalog.command(name="import")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--dry-run", is_flag=True, help="Report what would change; change nothing.")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def import_(file: Any, dry_run: bool, output: str) -> None:
+    """Create or update the images in FILE (YAML or JSON list); idempotent."""
+    settings = _settings()
+    try:
+        data = yaml.safe_load(file)
+    except yaml.YAMLError as exc:
+        raise click.ClickException(f"{file.name}: not valid YAML or JSON: {exc}") from None
+    if settings.database_url.startswith("sqlite"):
+        db.upgrade(settings.database_url)
+    try:
+        report = asyncio.run(_import(settings, data, dry_run))
+    except RequestInvalid as exc:
+        for item in exc.details:
+            click.echo(f"{file.name}: {item.field}: {item.reason} (got {item.originalValue!r})", err=True)
+        raise SystemExit(3) from None
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from None
+    summary = report.summary()
+    if output == "json":
+        click.echo(json.dumps({**summary, "dryRun": dry_run, "revision": report.revision}))
+    else:
+        prefix = "would be " if dry_run else ""
+        click.echo(", ".join(f"{prefix}{key} {value}" for key, value in summary.items()))
+
+
+async def _import(settings: Settings, data: Any, dry_run: bool) -> ImportReport:
+    entries = read_catalog_entries(data)
+    store = Store.open(settings.database_url)
+    try:
+        return await store.import_catalog(entries, dry_run=dry_run)
+    finally:
+        await store.close()

@@ -1,0 +1,165 @@
+"""Typed, frozen settings built from a mapping (the ``CE_*`` environment or CLI flags).
+
+Nothing here reads the environment by itself: ``cli.py`` passes ``os.environ`` in. That keeps settings
+explicit in tests and makes every knob listable (``SETTINGS`` below is the single table of them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+APP_NAME = "cluster-engine"
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot use."""
+
+
+def _float(name: str, low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _int(name: str, low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _optional_str(raw: str) -> str | None:
+    return raw or None
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    env: str
+    field: str
+    parse: Callable[[str], Any]
+    help: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_jwks: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway: float = 0.0
+    token_cache_size: int = 10_000
+    freshness_bound: float = 1.0
+    poll_interval: float = 0.1
+    response_cache_size: int = 4096
+
+    @property
+    def dev_secret_path(self) -> Path:
+        return self.data_dir / "jwt-secret"
+
+    @property
+    def uses_default_database(self) -> bool:
+        return self.database_url == default_database_url(self.data_dir)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "CE_DATA_DIR",
+        "data_dir",
+        Path,
+        "Directory for the embedded database and the generated development secret.",
+    ),
+    Setting(
+        "CE_DATABASE_URL",
+        "database_url",
+        str,
+        "sqlite:///PATH (embedded default: DATA_DIR/cluster-engine.db) or postgresql://…",
+    ),
+    Setting("CE_JWT_SECRET", "jwt_secret", _optional_str, "Shared secret for HS256 tokens."),
+    Setting(
+        "CE_JWT_PUBLIC_KEY",
+        "jwt_public_key",
+        _optional_str,
+        "Path of a PEM public key (RSA → RS256, EC → ES256/384/512, Ed25519 → EdDSA).",
+    ),
+    Setting("CE_JWT_JWKS", "jwt_jwks", _optional_str, "Path or https URL of a JWK Set."),
+    Setting("CE_JWT_ISSUER", "jwt_issuer", _optional_str, "Required `iss` claim, when set."),
+    Setting("CE_JWT_AUDIENCE", "jwt_audience", _optional_str, "Required `aud` claim, when set."),
+    Setting(
+        "CE_JWT_LEEWAY",
+        "jwt_leeway",
+        _float("CE_JWT_LEEWAY", 0, 300),
+        "Clock skew tolerated on exp/nbf/iat, in seconds.",
+    ),
+    Setting(
+        "CE_TOKEN_CACHE_SIZE",
+        "token_cache_size",
+        _int("CE_TOKEN_CACHE_SIZE", 0, 10_000_000),
+        "Verified tokens kept (until they expire) to skip repeated signature checks; 0 disables.",
+    ),
+    Setting(
+        "CE_FRESHNESS_BOUND",
+        "freshness_bound",
+        _float("CE_FRESHNESS_BOUND", 0.05, 60),
+        "Oldest catalog state (seconds since last confirmed against the database) a worker may serve.",
+    ),
+    Setting(
+        "CE_POLL_INTERVAL",
+        "poll_interval",
+        _float("CE_POLL_INTERVAL", 0.01, 30),
+        "How often a worker checks the database for a new catalog revision, in seconds.",
+    ),
+    Setting(
+        "CE_RESPONSE_CACHE_SIZE",
+        "response_cache_size",
+        _int("CE_RESPONSE_CACHE_SIZE", 0, 10_000_000),
+        "Serialized list responses kept per catalog revision.",
+    ),
+)
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def default_database_url(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'cluster-engine.db'}"
+
+
+def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:
+    """Build Settings from ``CE_*`` keys of ``env``; keyword overrides (CLI flags) win."""
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = env.get(setting.env)
+        if raw is not None and raw != "":
+            values[setting.field] = setting.parse(raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    data_dir = Path(values.pop("data_dir", None) or default_data_dir()).expanduser()
+    database_url = values.pop("database_url", None) or default_database_url(data_dir)
+    settings = Settings(data_dir=data_dir, database_url=database_url, **values)
+    configured = [k for k in ("jwt_secret", "jwt_public_key", "jwt_jwks") if getattr(settings, k)]
+    if len(configured) > 1:
+        raise ConfigError("configure only one of CE_JWT_SECRET, CE_JWT_PUBLIC_KEY, CE_JWT_JWKS")
+    if not database_url.startswith(("sqlite:", "postgresql:", "postgres:", "postgresql+")):
+        raise ConfigError(f"CE_DATABASE_URL must be sqlite:///PATH or postgresql://…, got {database_url!r}")
+    return settings

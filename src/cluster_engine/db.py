@@ -1,0 +1,146 @@
+"""Table definitions, engine creation per dialect, and schema migrations (Alembic).
+
+The tables here are the source of truth that the migrations must reproduce; a test compares them on
+every backend.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+metadata = sa.MetaData()
+
+catalog_state = sa.Table(
+    "catalog_state",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    # Bumped by every write in the same transaction; workers compare it to their read model's.
+    sa.Column("revision", sa.BigInteger, nullable=False),
+)
+
+images = sa.Table(
+    "images",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("type", sa.String(16), nullable=False),
+    sa.Column("org_id", sa.Uuid, nullable=False),
+    # Names are unique per (namespace, idc): "public" for Public images, the owner org id for Customized.
+    sa.Column("namespace", sa.String(36), nullable=False),
+    sa.Column("idc", sa.String(50), nullable=False),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("os_series", sa.Text, nullable=False),
+    sa.Column("os_version", sa.Text, nullable=False),
+    sa.Column("os_architecture", sa.Text, nullable=False),
+    sa.Column("boot_mode", sa.String(16), nullable=False),
+    sa.Column("system_disk_size", sa.Text, nullable=False),
+    sa.Column("icon", sa.Text, nullable=False),
+    sa.Column("default_partition_table", sa.JSON, nullable=False),
+    sa.Column("supported_products", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("namespace", "idc", "name", name="uq_images_namespace_idc_name"),
+    sa.Index("ix_images_revision", "revision"),
+    sa.Index("ix_images_idc", "idc"),
+    sa.Index("ix_images_org_id", "org_id"),
+)
+
+# Product membership, one row per (image, product): backs `product=` filters with an index on both stores.
+image_products = sa.Table(
+    "image_products",
+    metadata,
+    sa.Column("image_id", sa.Uuid, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("product", sa.String(256), primary_key=True),
+    sa.Index("ix_image_products_product", "product"),
+)
+
+# Ids of deleted images with the revision that deleted them, so workers can apply changes incrementally.
+deleted_images = sa.Table(
+    "deleted_images",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+    sa.Index("ix_deleted_images_revision", "revision"),
+)
+
+
+def async_url(url: str) -> str:
+    """Map the user-facing URL (sqlite:///…, postgresql://…) onto the async driver we ship."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    raise ValueError(f"unsupported database URL scheme: {parsed.drivername}")
+
+
+def sqlite_path(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An async engine with a bounded pool and timeouts, so a dead database fails fast instead of hanging."""
+    driver_url = async_url(url)
+    if driver_url.startswith("sqlite"):
+        path = sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(driver_url, connect_args={"timeout": 5})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        driver_url,
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=2,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": 2, "options": "-c statement_timeout=5000"},
+    )
+
+
+# ------------------------------------------------------------------------------------------- migrations
+
+
+def alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("cluster_engine") / "migrations"))
+    config.attributes["database_url"] = url
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    from alembic import command
+
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)

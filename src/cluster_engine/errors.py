@@ -1,0 +1,112 @@
+"""Domain exceptions and the one table that turns them into contract bodies.
+
+    ApiError                      status  body
+     ├── RequestInvalid            400     errorStatusMessage{group: "request", validationDetail: […]}
+     ├── Unauthenticated           401     errorStatusMessage{group: "auth_verify", code 0|1} + header
+     ├── Forbidden                 403     error{reason}
+     ├── NotFound                  404     error{reason}
+     ├── MethodNotAllowed          405     error{reason}
+     ├── Conflict                  409     error{reason}
+     ├── PayloadTooLarge           413     error{reason}
+     └── Unavailable               503     error{reason: "database is unavailable"} + Retry-After
+
+Anything else that escapes a handler is a 500 ``error{reason: "internal server error"}``; the
+traceback goes to the log, never into the body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .schemas import Error, ErrorStatusMessage, ValidationDetail, json_encoder
+
+INVALID_TOKEN = "Invalid access token."
+EXPIRED_TOKEN = "Expired access token."
+DATABASE_UNAVAILABLE = "database is unavailable"
+INTERNAL_ERROR = "internal server error"
+
+
+class ApiError(Exception):
+    status: int = 500
+
+    def body(self) -> bytes:
+        return json_encoder.encode(Error(reason=str(self) or INTERNAL_ERROR))
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class RequestInvalid(ApiError):
+    status = 400
+
+    def __init__(
+        self, details: Sequence[ValidationDetail], message: str = "Invalid request parameters."
+    ) -> None:
+        super().__init__(message)
+        self.details = list(details)
+
+    def body(self) -> bytes:
+        return json_encoder.encode(
+            ErrorStatusMessage(code=0, group="request", message=str(self), validationDetail=self.details)
+        )
+
+
+class Unauthenticated(ApiError):
+    """Missing, malformed, badly signed or expired bearer token."""
+
+    status = 401
+
+    def __init__(self, *, expired: bool = False, missing: bool = False, detail: str = "") -> None:
+        super().__init__(EXPIRED_TOKEN if expired else INVALID_TOKEN)
+        self.expired = expired
+        self.missing = missing
+        self.detail = detail  # for logs only
+
+    def body(self) -> bytes:
+        return json_encoder.encode(
+            ErrorStatusMessage(code=1 if self.expired else 0, group="auth_verify", message=str(self))
+        )
+
+    def headers(self) -> dict[str, str]:
+        if self.missing:  # RFC 6750 §3.1: no error code when the request carried no credentials
+            return {"WWW-Authenticate": 'Bearer realm="cluster-engine"'}
+        description = "The access token expired" if self.expired else "The access token is invalid"
+        return {
+            "WWW-Authenticate": (
+                f'Bearer realm="cluster-engine", error="invalid_token", error_description="{description}"'
+            )
+        }
+
+
+class Forbidden(ApiError):
+    status = 403
+
+
+class NotFound(ApiError):
+    status = 404
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+
+
+class Conflict(ApiError):
+    status = 409
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+
+
+class Unavailable(ApiError):
+    status = 503
+    retry_after = 1
+
+    def __init__(self, message: str = DATABASE_UNAVAILABLE) -> None:
+        super().__init__(message)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+INTERNAL_ERROR_BODY = json_encoder.encode(Error(reason=INTERNAL_ERROR))

@@ -1,0 +1,276 @@
+"""Catalog persistence: SQLAlchemy Core queries over the tables in ``db.py``.
+
+Every write happens in one transaction that first bumps ``catalog_state.revision`` (which also serializes
+writers: the row lock is held until commit) and stamps the rows it touches with that revision. A reader
+that has applied revision R asks for rows stamped above R, so it can follow the catalog incrementally.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .db import catalog_state, create_engine, deleted_images, image_products, images
+from .errors import Conflict, RequestInvalid
+from .schemas import ImageCreateReq, ImageResp, ImageType, Partition
+from .validation import CatalogEntry, detail
+
+PUBLIC_NAMESPACE = "public"
+
+
+def namespace_of(image_type: ImageType, org_id: uuid.UUID) -> str:
+    return PUBLIC_NAMESPACE if image_type is ImageType.PUBLIC else str(org_id)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+_partitions = msgspec.json.Decoder(list[Partition])
+
+
+def image_from_row(row: Any) -> ImageResp:
+    return ImageResp(
+        id=row.id,
+        type=ImageType(row.type),
+        orgId=row.org_id,
+        idc=row.idc,
+        name=row.name,
+        path=row.path,
+        OSSeries=row.os_series,
+        OSVersion=row.os_version,
+        OSArchitecture=row.os_architecture,
+        BootMode=row.boot_mode,
+        SystemDiskSize=row.system_disk_size,
+        DefaultPartitionTable=msgspec.convert(row.default_partition_table, list[Partition]),
+        icon=row.icon,
+        supportedProducts=list(row.supported_products),
+        createdAt=_utc(row.created_at),
+    )
+
+
+def _columns(spec: ImageCreateReq) -> dict[str, Any]:
+    """The mutable columns of an image, from its validated create request."""
+    return {
+        "org_id": spec.orgId,
+        "idc": spec.idc,
+        "name": spec.name,
+        "path": spec.path,
+        "os_series": spec.OSSeries,
+        "os_version": spec.OSVersion,
+        "os_architecture": spec.OSArchitecture,
+        "boot_mode": spec.BootMode.value,
+        "system_disk_size": spec.SystemDiskSize,
+        "icon": spec.icon,
+        "default_partition_table": msgspec.to_builtins(spec.DefaultPartitionTable),
+        "supported_products": list(spec.supportedProducts),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What changed after a given revision, up to and including ``revision``."""
+
+    revision: int
+    upserted: list[ImageResp]
+    deleted: list[uuid.UUID]
+    full: bool = False  # True: ``upserted`` is the whole catalog, replace rather than apply
+
+
+@dataclass(slots=True)
+class ImportReport:
+    created: list[uuid.UUID] = field(default_factory=list)
+    updated: list[uuid.UUID] = field(default_factory=list)
+    unchanged: list[uuid.UUID] = field(default_factory=list)
+    revision: int | None = None
+
+    def summary(self) -> dict[str, int]:
+        return {"created": len(self.created), "updated": len(self.updated), "unchanged": len(self.unchanged)}
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        return cls(create_engine(url))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # ---------------------------------------------------------------------------------------- reads
+
+    async def revision(self) -> int:
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(sa.select(catalog_state.c.revision).where(catalog_state.c.id == 1))
+        if value is None:
+            raise RuntimeError("catalog_state is empty: the database is not migrated")
+        return int(value)
+
+    async def changes_since(self, since: int | None) -> Changes:
+        """Everything committed after revision ``since`` (the whole catalog when ``since`` is None)."""
+        async with self.engine.connect() as conn:
+            revision = await conn.scalar(sa.select(catalog_state.c.revision).where(catalog_state.c.id == 1))
+            if revision is None:
+                raise RuntimeError("catalog_state is empty: the database is not migrated")
+            if since is not None and revision == since:
+                return Changes(revision=since, upserted=[], deleted=[])
+            query = sa.select(images).where(images.c.revision <= revision)
+            if since is not None:
+                query = query.where(images.c.revision > since)
+            rows = (await conn.execute(query)).all()
+            deleted: list[uuid.UUID] = []
+            if since is not None:
+                deleted = list(
+                    (
+                        await conn.scalars(
+                            sa.select(deleted_images.c.id).where(
+                                deleted_images.c.revision > since, deleted_images.c.revision <= revision
+                            )
+                        )
+                    ).all()
+                )
+        return Changes(
+            revision=int(revision),
+            upserted=[image_from_row(r) for r in rows],
+            deleted=deleted,
+            full=since is None,
+        )
+
+    async def count(self) -> int:
+        async with self.engine.connect() as conn:
+            return int(await conn.scalar(sa.select(sa.func.count()).select_from(images)) or 0)
+
+    # --------------------------------------------------------------------------------------- writes
+
+    @staticmethod
+    async def _bump(conn: AsyncConnection) -> int:
+        result = await conn.execute(
+            catalog_state.update()
+            .where(catalog_state.c.id == 1)
+            .values(revision=catalog_state.c.revision + 1)
+            .returning(catalog_state.c.revision)
+        )
+        return int(result.scalar_one())
+
+    @staticmethod
+    async def _set_products(conn: AsyncConnection, pairs: Iterable[tuple[uuid.UUID, list[str]]]) -> None:
+        pairs = list(pairs)
+        if not pairs:
+            return
+        await conn.execute(
+            image_products.delete().where(image_products.c.image_id.in_([i for i, _ in pairs]))
+        )
+        rows = [{"image_id": i, "product": p} for i, products in pairs for p in products]
+        if rows:
+            await conn.execute(image_products.insert(), rows)
+
+    async def import_catalog(self, entries: Sequence[CatalogEntry], *, dry_run: bool = False) -> ImportReport:
+        """Create or update every entry in one transaction; idempotent (a second run changes nothing)."""
+        _reject_duplicates(entries)
+        report = ImportReport()
+        try:
+            async with self.engine.begin() as conn:
+                revision = await self._bump(conn)
+                existing = (await conn.execute(sa.select(images))).all()
+                by_id = {row.id: row for row in existing}
+                by_identity = {(row.namespace, row.idc, row.name): row for row in existing}
+                now = utcnow()
+                inserts: list[dict[str, Any]] = []
+                updates: list[dict[str, Any]] = []
+                for entry in entries:
+                    namespace = namespace_of(entry.type, entry.spec.orgId)
+                    row = (
+                        by_id.get(entry.id)
+                        if entry.id
+                        else by_identity.get((namespace, entry.spec.idc, entry.spec.name))
+                    )
+                    values = {**_columns(entry.spec), "type": entry.type.value, "namespace": namespace}
+                    if row is None:
+                        image_id = entry.id or uuid.uuid4()
+                        inserts.append(
+                            {
+                                **values,
+                                "id": image_id,
+                                "created_at": entry.created_at or now,
+                                "updated_at": now,
+                                "revision": revision,
+                            }
+                        )
+                        report.created.append(image_id)
+                        continue
+                    if entry.created_at is not None:
+                        values["created_at"] = entry.created_at
+                    current = row._mapping
+                    if all(_same(current[k], v) for k, v in values.items()):
+                        report.unchanged.append(row.id)
+                        continue
+                    updates.append({**values, "b_id": row.id, "updated_at": now, "revision": revision})
+                    report.updated.append(row.id)
+                if dry_run or not (inserts or updates):
+                    await conn.rollback()
+                    return report
+                if inserts:
+                    await conn.execute(images.insert(), inserts)
+                if updates:
+                    await conn.execute(
+                        images.update().where(images.c.id == sa.bindparam("b_id")),
+                        updates,
+                    )
+                await self._set_products(
+                    conn,
+                    [(r["id"], r["supported_products"]) for r in inserts]
+                    + [(r["b_id"], r["supported_products"]) for r in updates],
+                )
+                report.revision = revision
+        except IntegrityError:
+            raise Conflict("an image with the same name already exists in that idc for that owner") from None
+        return report
+
+
+def _same(stored: Any, wanted: Any) -> bool:
+    if isinstance(stored, dt.datetime) and isinstance(wanted, dt.datetime):
+        return _utc(stored) == _utc(wanted)
+    return bool(stored == wanted)
+
+
+def _reject_duplicates(entries: Sequence[CatalogEntry]) -> None:
+    seen_ids: dict[uuid.UUID, int] = {}
+    seen_identity: dict[tuple[str, str, str], int] = {}
+    problems = []
+    for index, entry in enumerate(entries):
+        identity = (namespace_of(entry.type, entry.spec.orgId), entry.spec.idc, entry.spec.name)
+        if entry.id is not None:
+            if entry.id in seen_ids:
+                problems.append(
+                    detail(
+                        f"[{index}].id", "unique", f"Same id as entry {seen_ids[entry.id]}.", str(entry.id)
+                    )
+                )
+            seen_ids[entry.id] = index
+        if identity in seen_identity:
+            problems.append(
+                detail(
+                    f"[{index}].name",
+                    "unique",
+                    f"Same idc, name and owner as entry {seen_identity[identity]}.",
+                    entry.spec.name,
+                )
+            )
+        seen_identity[identity] = index
+    if problems:
+        raise RequestInvalid(problems, message="Invalid catalog file.")

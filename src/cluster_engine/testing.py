@@ -1,0 +1,192 @@
+"""Run a real cluster-engine server for tests: a process on a free loopback port with its own database.
+
+Used by this project's own test suite and meant for anyone who tests code against the Images API::
+
+    with LiveServer.start(tmp_path) as server:
+        token = server.token(org_id)
+        httpx.get(f"{server.url}/v1/images", headers={"Authorization": f"Bearer {token}"})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import yaml
+
+from .auth import mint_token
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    url: str
+    data_dir: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    secret: str
+    _clients: list[httpx.Client] = field(default_factory=list)
+
+    @classmethod
+    def start(
+        cls,
+        data_dir: Path,
+        *,
+        database_url: str | None = None,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        host: str = "127.0.0.1",
+        timeout: float = 30.0,
+    ) -> LiveServer:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        port = free_port(host)
+        secret = secrets.token_urlsafe(48)
+        full_env = {
+            **os.environ,
+            "CE_DATA_DIR": str(data_dir),
+            "CE_DATABASE_URL": database_url or f"sqlite:///{data_dir / 'cluster-engine.db'}",
+            "CE_JWT_SECRET": secret,
+            "CE_POLL_INTERVAL": "0.05",
+            **(env or {}),
+        }
+        log_path = data_dir / f"server-{port}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "cluster_engine", "serve", "--host", host, "--port", str(port), *args],
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        shown = f"[{host}]" if ":" in host else host
+        server = cls(
+            url=f"http://{shown}:{port}",
+            data_dir=data_dir,
+            env=full_env,
+            process=process,
+            log_path=log_path,
+            secret=full_env["CE_JWT_SECRET"],
+        )
+        try:
+            server._wait_ready(timeout)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        for client in self._clients:
+            client.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        return self.process.returncode
+
+    def __enter__(self) -> LiveServer:
+        return self
+
+    def __exit__(
+        self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
+    ) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------------------- helpers
+
+    def token(self, org_id: uuid.UUID | str, *, scopes: Sequence[str] = (), ttl: float = 3600) -> str:
+        return mint_token(self.secret, uuid.UUID(str(org_id)), scopes=list(scopes), ttl=ttl)
+
+    def client(self, org_id: uuid.UUID | str | None = None, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.token(org_id)}"} if org_id is not None else {}
+        client = httpx.Client(base_url=self.url, headers=headers, timeout=10, **kwargs)
+        self._clients.append(client)
+        return client
+
+    def cli(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``cluster-engine ARGS`` against this server's database and settings."""
+        return subprocess.run(
+            [sys.executable, "-m", "cluster_engine", *args],
+            env=self.env,
+            input=input,
+            text=True,
+            capture_output=True,
+            check=check,
+            timeout=60,
+        )
+
+    def import_catalog(self, entries: Any, *extra: str) -> str:
+        """Import catalog entries through the CLI, then wait until the server serves the new revision."""
+        path = self.data_dir / f"catalog-{uuid.uuid4().hex}.yaml"
+        path.write_text(yaml.safe_dump(entries, sort_keys=False))
+        result = self.cli("catalog", "import", str(path), *extra)
+        self.wait_synced()
+        return result.stdout
+
+    def wait_synced(self, timeout: float = 5.0) -> int:
+        """Wait until the server's read model reflects the database's current revision; return it."""
+        from .store import Store
+
+        async def current() -> int:
+            store = Store.open(self.env["CE_DATABASE_URL"])
+            try:
+                return await store.revision()
+            finally:
+                await store.close()
+
+        target = asyncio.run(current())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = httpx.get(f"{self.url}/readyz", timeout=2).json()
+            if body.get("revision", -1) >= target:
+                return target
+            time.sleep(0.02)
+        raise TimeoutError(f"server did not reach revision {target} within {timeout}s")
+
+
+@contextlib.contextmanager
+def live_server(data_dir: Path, **kwargs: Any) -> Iterator[LiveServer]:
+    server = LiveServer.start(data_dir, **kwargs)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,327 @@
+"""Validation of untrusted input against the contract's patterns, lengths, enums and formats.
+
+Every check reports one ``validationDetail`` per offending field (not just the first), named with the
+field's path in the request (``idc``, ``DefaultPartitionTable[0].size``). Patterns are matched with
+``fullmatch``: the contract's ``^…$`` anchors mean the whole value, and Python's ``$`` would let a
+trailing newline through.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from .errors import RequestInvalid
+from .schemas import ImageBootMode, ImageCreateReq, ImageType, Partition, ValidationDetail
+
+# The contract's own patterns (components/schemas/idcName, productName, name), anchors dropped for fullmatch.
+IDC_PATTERN = "^[a-zA-Z0-9._-]+$"
+PRODUCT_PATTERN = "^[a-zA-Z0-9._-]+$"
+NAME_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9_\-. ]*)?[A-Za-z0-9]$"
+IDC_MAX, PRODUCT_MAX, NAME_MAX = 50, 256, 255
+
+_IDC_RE = re.compile(IDC_PATTERN[1:-1])
+_PRODUCT_RE = re.compile(PRODUCT_PATTERN[1:-1])
+_NAME_RE = re.compile(NAME_PATTERN[1:-1])
+_URI_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:[^\s\x00-\x1f\x7f]*")
+_ORIGINAL_VALUE_MAX = 256
+
+_MISSING: Any = object()
+
+
+def original(value: Any) -> str:
+    """The offending value as the string `originalValue` must be, bounded so we never echo megabytes."""
+    if value is _MISSING or value is None:
+        text = ""
+    elif isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = msgspec.json.encode(value).decode()
+        except (TypeError, msgspec.EncodeError):
+            text = repr(value)
+    return text if len(text) <= _ORIGINAL_VALUE_MAX else text[:_ORIGINAL_VALUE_MAX] + "…"
+
+
+def detail(
+    field: str, expression: str, reason: str, value: Any, argument: str | None = None
+) -> ValidationDetail:
+    return ValidationDetail(
+        field=field, expression=expression, reason=reason, originalValue=original(value), argument=argument
+    )
+
+
+def _check_pattern(
+    field: str, value: str, regex: re.Pattern[str], pattern: str, max_len: int, out: list[ValidationDetail]
+) -> None:
+    if len(value) > max_len:
+        out.append(detail(field, "max", f"Must be at most {max_len} characters long.", value, str(max_len)))
+    elif not regex.fullmatch(value):
+        out.append(detail(field, "pattern", f"Must match the pattern {pattern}.", value, pattern))
+
+
+# ---------------------------------------------------------------------------------------------- queries
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    idc: str | None
+    product: str | None
+
+
+def list_query(params: Mapping[str, list[str]]) -> ListQuery:
+    """Validate ``GET /v1/images`` query parameters (unknown parameters are ignored)."""
+    problems: list[ValidationDetail] = []
+    values: dict[str, str | None] = {}
+    for name, regex, pattern, max_len in (
+        ("idc", _IDC_RE, IDC_PATTERN, IDC_MAX),
+        ("product", _PRODUCT_RE, PRODUCT_PATTERN, PRODUCT_MAX),
+    ):
+        given = params.get(name)
+        if not given:
+            values[name] = None
+            continue
+        if len(given) > 1:
+            problems.append(detail(name, "single", "This parameter may be given at most once.", given))
+            continue
+        _check_pattern(name, given[0], regex, pattern, max_len, problems)
+        values[name] = given[0]
+    if problems:
+        raise RequestInvalid(problems)
+    return ListQuery(idc=values["idc"], product=values["product"])
+
+
+def image_id(raw: str) -> uuid.UUID:
+    """Validate an image id from a path: a UUID in its canonical textual form (any case)."""
+    try:
+        if len(raw) != 36:
+            raise ValueError
+        return uuid.UUID(raw)
+    except ValueError:
+        raise RequestInvalid([detail("id", "uuid", "Must be a UUID.", raw)]) from None
+
+
+# ---------------------------------------------------------------------------------------------- bodies
+
+
+class _Fields:
+    """Collects the problems of one object while its fields are read."""
+
+    def __init__(self, data: Mapping[str, Any], prefix: str, out: list[ValidationDetail]) -> None:
+        self.data, self.prefix, self.out = data, prefix, out
+
+    def path(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def string(
+        self,
+        name: str,
+        *,
+        required: bool = True,
+        min_len: int = 0,
+        max_len: int | None = None,
+        regex: re.Pattern[str] | None = None,
+        pattern: str = "",
+    ) -> str | None:
+        value = self.data.get(name, _MISSING)
+        field = self.path(name)
+        if value is _MISSING or value is None:
+            if required:
+                self.out.append(detail(field, "required", "This field is required.", value))
+            return None
+        if not isinstance(value, str):
+            self.out.append(detail(field, "type", "Must be a string.", value, "string"))
+            return None
+        if "\x00" in value:
+            self.out.append(detail(field, "printable", "Must not contain NUL characters.", value))
+            return None
+        if len(value) < min_len:
+            self.out.append(
+                detail(
+                    field,
+                    "required" if min_len == 1 else "min",
+                    "This field is required."
+                    if min_len == 1
+                    else f"Must be at least {min_len} characters long.",
+                    value,
+                    None if min_len == 1 else str(min_len),
+                )
+            )
+            return None
+        if max_len is not None and len(value) > max_len:
+            self.out.append(
+                detail(field, "max", f"Must be at most {max_len} characters long.", value, str(max_len))
+            )
+            return None
+        if regex is not None and not regex.fullmatch(value):
+            self.out.append(detail(field, "pattern", f"Must match the pattern {pattern}.", value, pattern))
+            return None
+        return value
+
+    def uuid(self, name: str, *, required: bool = True) -> uuid.UUID | None:
+        value = self.string(name, required=required)
+        if value is None:
+            return None
+        try:
+            if len(value) != 36:
+                raise ValueError
+            return uuid.UUID(value)
+        except ValueError:
+            self.out.append(detail(self.path(name), "uuid", "Must be a UUID.", value))
+            return None
+
+    def enum(
+        self, name: str, choices: type[ImageBootMode] | type[ImageType], *, required: bool = True
+    ) -> Any:
+        value = self.string(name, required=required)
+        if value is None:
+            return None
+        try:
+            return choices(value)
+        except ValueError:
+            allowed = " ".join(member.value for member in choices)
+            self.out.append(detail(self.path(name), "oneof", f"Must be one of: {allowed}.", value, allowed))
+            return None
+
+    def uri(self, name: str) -> str | None:
+        value = self.string(name)
+        if value is not None and not _URI_SCHEME_RE.fullmatch(value):
+            self.out.append(detail(self.path(name), "uri", "Must be an absolute URI.", value))
+            return None
+        return value
+
+    def datetime(self, name: str) -> dt.datetime | None:
+        value = self.data.get(name, _MISSING)
+        if value is _MISSING or value is None:
+            return None
+        if isinstance(value, dt.datetime):  # YAML loaders produce datetimes themselves
+            parsed: dt.datetime | None = value
+        else:
+            try:
+                parsed = msgspec.convert(value, dt.datetime)
+            except msgspec.ValidationError:
+                parsed = None
+        if parsed is None or parsed.tzinfo is None:
+            self.out.append(
+                detail(self.path(name), "datetime", "Must be an RFC 3339 date-time with offset.", value)
+            )
+            return None
+        return parsed.astimezone(dt.UTC)
+
+    def array(self, name: str, *, min_items: int = 0) -> list[Any] | None:
+        value = self.data.get(name, _MISSING)
+        field = self.path(name)
+        if value is _MISSING or value is None:
+            self.out.append(detail(field, "required", "This field is required.", value))
+            return None
+        if not isinstance(value, list):
+            self.out.append(detail(field, "type", "Must be an array.", value, "array"))
+            return None
+        if len(value) < min_items:
+            self.out.append(
+                detail(field, "min", f"Must have at least {min_items} item(s).", value, str(min_items))
+            )
+            return None
+        return value
+
+
+def _partitions(fields: _Fields) -> list[Partition] | None:
+    items = fields.array("DefaultPartitionTable", min_items=1)
+    if items is None:
+        return None
+    partitions: list[Partition] = []
+    before = len(fields.out)
+    for index, item in enumerate(items):
+        prefix = fields.path(f"DefaultPartitionTable[{index}].")
+        if not isinstance(item, dict):
+            fields.out.append(detail(prefix[:-1], "type", "Must be an object.", item, "object"))
+            continue
+        part = _Fields(item, prefix, fields.out)
+        name = part.string("name", max_len=NAME_MAX, regex=_NAME_RE, pattern=NAME_PATTERN)
+        mount = part.string("mountPoint", min_len=1, max_len=1024)
+        size = part.string("size", min_len=1, max_len=256)
+        fs = part.string("fileSystem", min_len=1, max_len=256)
+        if name is not None and mount is not None and size is not None and fs is not None:
+            partitions.append(Partition(name=name, mountPoint=mount, size=size, fileSystem=fs))
+    return partitions if len(fields.out) == before else None
+
+
+def _products(fields: _Fields) -> list[str] | None:
+    items = fields.array("supportedProducts")
+    if items is None:
+        return None
+    before = len(fields.out)
+    for index, item in enumerate(items):
+        field = fields.path(f"supportedProducts[{index}]")
+        if not isinstance(item, str):
+            fields.out.append(detail(field, "type", "Must be a string.", item, "string"))
+        else:
+            _check_pattern(field, item, _PRODUCT_RE, PRODUCT_PATTERN, PRODUCT_MAX, fields.out)
+    # Duplicates carry no meaning for membership; keep the first occurrence of each, in order.
+    return list(dict.fromkeys(items)) if len(fields.out) == before else None
+
+
+def read_image_create(data: Any, out: list[ValidationDetail], prefix: str = "") -> ImageCreateReq | None:
+    """Read an ``ImageCreateReq`` from decoded JSON/YAML, appending every problem to ``out``."""
+    if not isinstance(data, dict):
+        out.append(detail(prefix.rstrip(".") or "body", "type", "Must be a JSON object.", data, "object"))
+        return None
+    fields = _Fields(data, prefix, out)
+    before = len(out)
+    values = {
+        "idc": fields.string("idc", max_len=IDC_MAX, regex=_IDC_RE, pattern=IDC_PATTERN),
+        "orgId": fields.uuid("orgId"),
+        "path": fields.string("path"),
+        "name": fields.string("name", max_len=NAME_MAX, regex=_NAME_RE, pattern=NAME_PATTERN),
+        "OSSeries": fields.string("OSSeries"),
+        "OSVersion": fields.string("OSVersion"),
+        "OSArchitecture": fields.string("OSArchitecture"),
+        "BootMode": fields.enum("BootMode", ImageBootMode),
+        "SystemDiskSize": fields.string("SystemDiskSize"),
+        "DefaultPartitionTable": _partitions(fields),
+        "icon": fields.uri("icon"),
+        "supportedProducts": _products(fields),
+    }
+    if len(out) != before:
+        return None
+    return ImageCreateReq(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    """One entry of a catalog file: an ImageCreateReq plus optional type, id and createdAt."""
+
+    spec: ImageCreateReq
+    type: ImageType
+    id: uuid.UUID | None
+    created_at: dt.datetime | None
+
+
+def read_catalog_entries(data: Any) -> list[CatalogEntry]:
+    """Validate a whole catalog file (a list of entries); every problem in every entry is reported."""
+    problems: list[ValidationDetail] = []
+    if not isinstance(data, list):
+        raise RequestInvalid(
+            [detail("catalog", "type", "A catalog file holds a list of images.", data, "array")]
+        )
+    entries: list[CatalogEntry] = []
+    for index, item in enumerate(data):
+        prefix = f"[{index}]."
+        spec = read_image_create(item, problems, prefix)
+        if not isinstance(item, dict):
+            continue
+        fields = _Fields(item, prefix, problems)
+        image_type = fields.enum("type", ImageType, required=False) or ImageType.PUBLIC
+        image_id = fields.uuid("id", required=False)
+        created_at = fields.datetime("createdAt")
+        if spec is not None:
+            entries.append(CatalogEntry(spec=spec, type=image_type, id=image_id, created_at=created_at))
+    if problems:
+        raise RequestInvalid(problems, message="Invalid catalog file.")
+    return entries
