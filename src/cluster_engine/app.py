@@ -91,13 +91,15 @@ def create_app(settings: Settings) -> Starlette:
             await catalog.refresh()
         except Exception as exc:  # serve 503s until the database answers; the poller keeps trying
             log.warning("initial catalog load failed: %s: %s", exc.__class__.__name__, exc)
-        poller = asyncio.create_task(catalog.poll_forever(settings.poll_interval), name="catalog-poller")
+        tasks = [asyncio.create_task(catalog.poll_forever(settings.poll_interval), name="catalog-poller")]
+        if store.is_postgres:
+            tasks.append(asyncio.create_task(catalog.listen_forever(), name="catalog-listener"))
         try:
             yield
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await store.close()
 
     app = Starlette(

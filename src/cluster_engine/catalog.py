@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 PUBLIC = "public"
 SortKey = tuple[str, str]
+REFRESH_TIMEOUT = 1.0  # a request waits at most this long for a refresh before answering 503
+RETRY_AFTER_FAILURE = 0.25  # after a failed refresh, requests answer 503 at once for this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,7 @@ class Catalog:
         self.cache_size = cache_size
         self.revision: int | None = None
         self.confirmed_at = float("-inf")  # time.monotonic() when the revision was last confirmed
+        self.failed_at = float("-inf")  # time.monotonic() of the last failed refresh
         self._entries: dict[uuid.UUID, Entry] = {}
         self._shelves: dict[str, Shelf] = {PUBLIC: Shelf()}
         self._cache: dict[tuple[str, str | None, str | None], Rendered] = {}
@@ -172,12 +175,14 @@ class Catalog:
         return time.monotonic() - self.confirmed_at <= self.freshness_bound
 
     async def ensure_fresh(self) -> None:
-        if time.monotonic() - self.confirmed_at <= self.freshness_bound:
+        """Return when the read model is confirmed fresh; raise ``Unavailable`` when that can't be done."""
+        now = time.monotonic()
+        if now - self.confirmed_at <= self.freshness_bound:
             return
+        if now - self.failed_at < RETRY_AFTER_FAILURE:
+            raise Unavailable()  # the database failed a moment ago: answer at once, don't queue
         try:
-            await asyncio.wait_for(self.refresh(only_if_stale=True), timeout=max(self.freshness_bound, 0.5))
-        except Unavailable:
-            raise
+            await asyncio.wait_for(self.refresh(only_if_stale=True), timeout=REFRESH_TIMEOUT)
         except Exception as exc:  # any failure to confirm freshness: never serve unbounded-stale data
             log.warning("catalog refresh failed: %s", exc.__class__.__name__)
             raise Unavailable() from None
@@ -188,7 +193,11 @@ class Catalog:
             if only_if_stale and self.is_fresh():  # another request refreshed while we waited
                 return
             started = time.monotonic()
-            changes = await self.store.changes_since(self.revision)
+            try:
+                changes = await self.store.changes_since(self.revision)
+            except BaseException:
+                self.failed_at = time.monotonic()
+                raise
             self.apply(changes)
             self.confirmed_at = started
 
@@ -222,11 +231,29 @@ class Catalog:
 
     async def poll_forever(self, interval: float) -> None:
         """Background task: keep the read model fresh so requests never wait on the database."""
+        failing = False
         while True:
             try:
-                await self.refresh()
+                await asyncio.wait_for(self.refresh(), timeout=REFRESH_TIMEOUT * 2)
+                if failing:
+                    log.info("catalog refresh recovered at revision %s", self.revision)
+                failing = False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("catalog poll failed: %s: %s", exc.__class__.__name__, exc)
+                if not failing:  # log the first failure of an outage, not one line per poll
+                    log.warning("catalog refresh failing: %s: %s", exc.__class__.__name__, exc)
+                failing = True
             await asyncio.sleep(interval)
+
+    async def listen_forever(self) -> None:
+        """Background task (PostgreSQL): refresh as soon as any process commits a change."""
+        while True:
+            try:
+                async for _revision in self.store.notifications():
+                    await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the poller covers freshness meanwhile; reconnect shortly
+                log.debug("catalog listener reconnecting: %s: %s", exc.__class__.__name__, exc)
+            await asyncio.sleep(1.0)

@@ -261,7 +261,7 @@ def import_(file: Any, dry_run: bool, output: str) -> None:
 
 async def _import(settings: Settings, data: Any, dry_run: bool) -> ImportReport:
     entries = read_catalog_entries(data)
-    store = Store.open(settings.database_url)
+    store = Store.open(settings.database_url, statement_timeout=None)
     try:
         return await store.import_catalog(entries, dry_run=dry_run)
     finally:

@@ -70,7 +70,7 @@ class Settings:
     jwt_leeway: float = 0.0
     token_cache_size: int = 10_000
     freshness_bound: float = 1.0
-    poll_interval: float = 0.1
+    poll_interval: float = 0.25
     response_cache_size: int = 4096
 
     @property

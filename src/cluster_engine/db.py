@@ -99,7 +99,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(url: str, *, statement_timeout: float | None = 5.0) -> AsyncEngine:
     """An async engine with a bounded pool and timeouts, so a dead database fails fast instead of hanging."""
     driver_url = async_url(url)
     if driver_url.startswith("sqlite"):
@@ -115,7 +115,10 @@ def create_engine(url: str) -> AsyncEngine:
         max_overflow=5,
         pool_timeout=2,
         pool_pre_ping=True,
-        connect_args={"connect_timeout": 2, "options": "-c statement_timeout=5000"},
+        connect_args={
+            "connect_timeout": 2,
+            "options": f"-c statement_timeout={int((statement_timeout or 0) * 1000)}",
+        },
     )
 
 

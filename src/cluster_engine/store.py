@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -24,6 +25,7 @@ from .schemas import ImageCreateReq, ImageResp, ImageType, Partition
 from .validation import CatalogEntry, detail
 
 PUBLIC_NAMESPACE = "public"
+NOTIFY_CHANNEL = "cluster_engine_catalog"
 
 
 def namespace_of(image_type: ImageType, org_id: uuid.UUID) -> str:
@@ -102,12 +104,26 @@ class ImportReport:
 
 
 class Store:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, url: str) -> None:
         self.engine = engine
+        self.url = url
+        self.is_postgres = engine.dialect.name == "postgresql"
 
     @classmethod
-    def open(cls, url: str) -> Store:
-        return cls(create_engine(url))
+    def open(cls, url: str, *, statement_timeout: float | None = 5.0) -> Store:
+        return cls(create_engine(url, statement_timeout=statement_timeout), url)
+
+    async def notifications(self) -> AsyncIterator[str]:
+        """PostgreSQL only: yield the payload (a revision) of every catalog change committed anywhere."""
+        import psycopg
+
+        conninfo = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        async with await psycopg.AsyncConnection.connect(
+            conninfo, autocommit=True, connect_timeout=2
+        ) as conn:
+            await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            async for notify in conn.notifies():
+                yield notify.payload
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -157,15 +173,18 @@ class Store:
 
     # --------------------------------------------------------------------------------------- writes
 
-    @staticmethod
-    async def _bump(conn: AsyncConnection) -> int:
+    async def _bump(self, conn: AsyncConnection) -> int:
+        """Take the next revision; on PostgreSQL the row lock serializes writers until commit."""
         result = await conn.execute(
             catalog_state.update()
             .where(catalog_state.c.id == 1)
             .values(revision=catalog_state.c.revision + 1)
             .returning(catalog_state.c.revision)
         )
-        return int(result.scalar_one())
+        revision = int(result.scalar_one())
+        if self.is_postgres:  # delivered to listeners when (and only if) the transaction commits
+            await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, str(revision))))
+        return revision
 
     @staticmethod
     async def _set_products(conn: AsyncConnection, pairs: Iterable[tuple[uuid.UUID, list[str]]]) -> None:

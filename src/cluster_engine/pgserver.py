@@ -1,0 +1,216 @@
+"""A throwaway PostgreSQL server for tests, benchmarks and drills.
+
+``PostgresServer.start()`` runs ``initdb`` into a fresh temporary directory and starts ``postgres`` on a
+free loopback port with trust authentication (as the ``postgres`` OS user when running as root, since
+PostgreSQL refuses to run as root). ``stop(mode)`` and ``start_again()`` let drills take it down and
+bring it back on the same port. Set ``CE_PG_BIN`` to the directory of the server binaries when they
+are not under ``/usr/lib/postgresql/*/bin`` or on PATH.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class PostgresUnavailable(RuntimeError):
+    """No PostgreSQL server binaries could be found on this machine."""
+
+
+def find_bindir(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    candidates = [env.get("CE_PG_BIN", "")]
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    on_path = shutil.which("initdb")
+    if on_path:
+        candidates.append(str(Path(on_path).parent))
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "initdb").exists() and (Path(candidate) / "postgres").exists():
+            return Path(candidate)
+    raise PostgresUnavailable("PostgreSQL server binaries not found (set CE_PG_BIN to their directory)")
+
+
+def create_database(admin_url: str) -> str:
+    """Create an empty, uniquely named database on the server of ``admin_url``; return its URL."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"ce_{uuid.uuid4().hex[:12]}"
+    url = make_url(admin_url).set(drivername="postgresql")
+    with psycopg.connect(
+        url.render_as_string(hide_password=False), autocommit=True, connect_timeout=5
+    ) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class PostgresServer:
+    bindir: Path
+    data_dir: Path
+    port: int
+    user: str | None  # the OS user to run as (None: the current user)
+    process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def start(cls, *, bindir: Path | None = None, port: int | None = None) -> PostgresServer:
+        bindir = bindir or find_bindir()
+        data_dir = Path(tempfile.mkdtemp(prefix="ce-pg-"))
+        user = "postgres" if os.geteuid() == 0 else None
+        if user is not None:
+            entry = pwd.getpwnam(user)
+            os.chown(data_dir, entry.pw_uid, entry.pw_gid)
+        server = cls(bindir=bindir, data_dir=data_dir, port=port or _free_port(), user=user)
+        server._run(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(data_dir / "data"),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ],
+        )
+        server.start_again()
+        return server
+
+    def _run(self, argv: list[str]) -> None:
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            user=self.user,
+            group=self.user,
+            extra_groups=[] if self.user else None,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed: {result.stdout}\n{result.stderr}")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "postgres.log"
+
+    def start_again(self, timeout: float = 30.0) -> None:
+        """Start (or restart) the server on its port and wait until it accepts connections."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the server process owns it
+        if self.user:
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.log_path, entry.pw_uid, entry.pw_gid)
+        self.process = subprocess.Popen(
+            [
+                str(self.bindir / "postgres"),
+                "-D",
+                str(self.data_dir / "data"),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=128MB",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            user=self.user,
+            group=self.user,
+            extra_groups=[] if self.user else None,
+        )
+        log.close()
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"postgres exited:\n{self.log_path.read_text(errors='replace')[-4000:]}")
+            result = subprocess.run(
+                [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
+                capture_output=True,
+                timeout=10,
+            )
+            if result.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"postgres not ready after {timeout}s")
+
+    def postmaster_pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self, mode: str = "fast", timeout: float = 30.0) -> None:
+        """``fast`` (SIGINT: clean shutdown), ``immediate`` (SIGQUIT) or ``kill`` (SIGKILL of all)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        sig = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT, "kill": signal.SIGKILL}[mode]
+        pid = self.postmaster_pid()
+        os.kill(pid, sig)
+        if mode == "kill":  # the backends outlive a killed postmaster: take the whole session down
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout)
+        if mode == "kill":
+            _wait_port_free(self.port, timeout)
+
+    def create_database(self) -> str:
+        """Create an empty database and return its URL."""
+        return create_database(self.url)
+
+    def destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop("immediate")
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> PostgresServer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.destroy()
+
+
+def _wait_port_free(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.05)

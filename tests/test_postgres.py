@@ -1,0 +1,248 @@
+"""PostgreSQL in production: migrations on both dialects, freshness across processes, honest outages."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from cluster_engine import db
+from cluster_engine.pgserver import PostgresServer
+from cluster_engine.store import Store
+from cluster_engine.testing import LiveServer
+from cluster_engine.validation import read_catalog_entries
+
+from .conftest import STORES, Databases
+
+
+def image_entry(idc: str, name: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        "type": "Public",
+        "orgId": "a1d2c3b4-5e6f-4a7b-8c9d-0e1f2a3b4c5d",
+        "idc": idc,
+        "name": name,
+        "path": f"images/{name}.qcow2",
+        "OSSeries": "Ubuntu",
+        "OSVersion": "24.04",
+        "OSArchitecture": "x86_64",
+        "BootMode": "UEFI",
+        "SystemDiskSize": "100G",
+        "DefaultPartitionTable": [{"name": "root", "mountPoint": "/", "size": "100G", "fileSystem": "ext4"}],
+        "icon": "https://static.example.com/ubuntu.svg",
+        "supportedProducts": ["gpu.h100.8x"],
+        **overrides,
+    }
+
+
+# ------------------------------------------------------------------------------------------- migrations
+
+
+def _schema_diff(url: str) -> list[Any]:
+    async def run() -> list[Any]:
+        engine = db.create_engine(url)
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(
+                    lambda sync: compare_metadata(
+                        MigrationContext.configure(sync, opts={"compare_type": True}), db.metadata
+                    )
+                )
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def _tables(url: str) -> set[str]:
+    async def run() -> set[str]:
+        engine = db.create_engine(url)
+        try:
+            async with engine.connect() as conn:
+                return set(await conn.run_sync(lambda sync: sa.inspect(sync).get_table_names()))
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_migrations_upgrade_downgrade_upgrade_match_the_tables(
+    store: str, databases: Databases, tmp_path: Path
+) -> None:
+    url = databases.url(store, tmp_path)
+    db.upgrade(url)
+    assert _schema_diff(url) == []
+    assert {"images", "image_products", "deleted_images", "catalog_state"} <= _tables(url)
+    db.downgrade(url, "base")
+    assert _tables(url) <= {"alembic_version"}
+    db.upgrade(url)
+    assert _schema_diff(url) == []
+
+
+# ------------------------------------------------------------------------------------------- freshness
+
+
+def _write(url: str, entries: list[dict[str, Any]]) -> None:
+    async def run() -> None:
+        store = Store.open(url)
+        try:
+            await store.import_catalog(read_catalog_entries(entries))
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def _wait_listed(client: httpx.Client, idc: str, name: str, deadline: float) -> float:
+    while time.monotonic() < deadline:
+        names = [image["name"] for image in client.get("/v1/images", params={"idc": idc}).json()]
+        if name in names:
+            return time.monotonic()
+        time.sleep(0.005)
+    raise AssertionError(f"{name} not listed in time")
+
+
+def test_a_write_is_visible_in_every_process_within_a_second(
+    databases: Databases, tmp_path: Path, demo_org: uuid.UUID
+) -> None:
+    url = databases.url("postgresql", tmp_path)
+    with (
+        LiveServer.start(tmp_path / "a", database_url=url, args=["--migrate"]) as first,
+        LiveServer.start(
+            tmp_path / "b", database_url=url, env={"CE_JWT_SECRET": first.secret}, args=["--workers", "2"]
+        ) as second,
+    ):
+        clients = [first.client(demo_org), second.client(demo_org)]
+        delays: list[float] = []
+        for index in range(50):
+            name = f"img-{index}"
+            _write(url, [image_entry("prop-1", name)])
+            written = time.monotonic()
+            for client in clients:
+                delays.append(_wait_listed(client, "prop-1", name, written + 5) - written)
+        print(
+            f"propagation over {len(delays)} checks: median {statistics.median(delays) * 1000:.1f} ms, "
+            f"max {max(delays) * 1000:.1f} ms"
+        )
+        assert max(delays) < 1.0
+
+
+# ---------------------------------------------------------------------------------------------- outages
+
+
+@dataclass
+class Sample:
+    started: float
+    elapsed: float
+    status: int
+    body: bytes
+    retry_after: str | None
+
+
+class Load:
+    """A bounded concurrent read load: a few threads looping GET /v1/images until stopped."""
+
+    def __init__(self, server: LiveServer, org: uuid.UUID, threads: int = 4, max_seconds: float = 30) -> None:
+        self.server, self.org, self.threads, self.max_seconds = server, org, threads, max_seconds
+        self.samples: list[Sample] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        token = self.server.token(self.org)
+        ends = time.monotonic() + self.max_seconds
+        with httpx.Client(
+            base_url=self.server.url, headers={"Authorization": f"Bearer {token}"}, timeout=5
+        ) as client:
+            while not self._stop.is_set() and time.monotonic() < ends:
+                started = time.monotonic()
+                try:
+                    response = client.get("/v1/images", params={"idc": "us-west-1"})
+                except httpx.HTTPError as exc:
+                    with self._lock:
+                        self.errors.append(repr(exc))
+                    continue
+                sample = Sample(
+                    started,
+                    time.monotonic() - started,
+                    response.status_code,
+                    response.content,
+                    response.headers.get("retry-after"),
+                )
+                with self._lock:
+                    self.samples.append(sample)
+                time.sleep(0.002)
+
+    def __enter__(self) -> Load:
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(10)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    with PostgresServer.start() as server:
+        yield server
+
+
+@pytest.mark.parametrize("mode", ["fast", "kill"])
+def test_database_outage_answers_503_quickly_and_recovers(
+    private_postgres: PostgresServer,
+    tmp_path: Path,
+    demo_entries: list[dict[str, Any]],
+    demo_org: uuid.UUID,
+    mode: str,
+) -> None:
+    url = private_postgres.create_database()
+    with LiveServer.start(tmp_path, database_url=url, args=["--migrate", "--demo"]) as server:
+        with Load(server, demo_org) as load:
+            time.sleep(1.0)
+            down_at = time.monotonic()
+            private_postgres.stop(mode)
+            time.sleep(3.0)
+            private_postgres.start_again()
+            up_at = time.monotonic()
+            time.sleep(3.0)
+        ready = httpx.get(f"{server.url}/readyz").status_code
+    samples = load.samples
+    assert not load.errors, load.errors[:3]
+    assert len(samples) > 100
+    statuses = {s.status for s in samples}
+    assert statuses <= {200, 503}, statuses
+    unavailable = [s for s in samples if s.status == 503]
+    assert unavailable, "the outage should have been noticed"
+    for sample in unavailable:
+        assert sample.body == b'{"reason":"database is unavailable"}'
+        assert sample.retry_after is not None and int(sample.retry_after) >= 1
+    longest = max(s.elapsed for s in samples)
+    first_503 = min(s.started for s in unavailable) - down_at
+    recovered = min(s.started for s in samples if s.status == 200 and s.started > up_at) - up_at
+    last_503 = max(s.started + s.elapsed for s in unavailable) - up_at
+    print(
+        f"outage ({mode}): {len(samples)} responses, {len(unavailable)} x 503,"
+        f" longest {longest * 1000:.0f} ms, "
+        f"first 503 {first_503 * 1000:.0f} ms after stop, recovered {max(recovered, last_503) * 1000:.0f} ms "
+        f"after restart"
+    )
+    assert longest < 2.0
+    assert last_503 < 2.0
+    assert ready == 200
