@@ -12,6 +12,8 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -49,6 +51,14 @@ async def on_http_exception(_request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return _error_response(NotFound("not found"))
     return _error_response(ApiError(exc.detail if exc.status_code < 500 else ""))
+
+
+async def on_database_error(_request: Request, exc: Exception) -> Response:
+    """A database that is down, unreachable, or too slow is a 503; anything else it raises is a bug."""
+    if isinstance(exc, OperationalError | InterfaceError | DisconnectionError | PoolTimeout):
+        log.warning("database unavailable: %s", exc.__class__.__name__)
+        return _error_response(Unavailable())
+    return await on_unexpected(_request, exc)
 
 
 async def on_unexpected(_request: Request, exc: Exception) -> Response:
@@ -105,7 +115,10 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/images", images.list_images, methods=["GET"]),
+            Route("/v1/images", images.create_image, methods=["POST"]),
             Route("/v1/images/{id}", images.get_image, methods=["GET"]),
+            Route("/v1/images/{id}", images.patch_image, methods=["PATCH"]),
+            Route("/v1/images/{id}", images.delete_image, methods=["DELETE"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
@@ -114,6 +127,7 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers={
             ApiError: on_api_error,
             HTTPException: on_http_exception,
+            SQLAlchemyError: on_database_error,
             Exception: on_unexpected,
         },
         lifespan=lifespan,

@@ -155,12 +155,9 @@ class Catalog:
             self._cache[cache_key] = rendered
         return rendered
 
-    def get(self, org_id: uuid.UUID, image_id: uuid.UUID) -> Entry | None:
-        """The image if the caller may see it; a hidden image is reported exactly like a missing one."""
-        entry = self._entries.get(image_id)
-        if entry is None or (entry.namespace != PUBLIC and entry.namespace != str(org_id)):
-            return None
-        return entry
+    def get(self, image_id: uuid.UUID) -> Entry | None:
+        """The image with this id, visible or not: the caller's handler applies ``visibility``."""
+        return self._entries.get(image_id)
 
     def __len__(self) -> int:
         return len(self._entries)

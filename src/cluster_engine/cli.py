@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 import os
@@ -14,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import click
+import msgspec
 import yaml
 
 from . import db
 from .auth import SCOPE_ADMIN, SCOPE_WRITE, Verifier, mint_token, signing_secret
 from .config import ConfigError, Settings, load_settings
 from .errors import ApiError, RequestInvalid
+from .schemas import ImageResp
 from .store import ImportReport, Store
 from .validation import read_catalog_entries
 
@@ -227,15 +230,16 @@ def downgrade(revision: str) -> None:
 
 @main.group()
 def catalog() -> None:
-    """Catalog files: import the images an operator publishes."""
+    """Catalog files: import and export the images an operator publishes."""
 
 
 @catalog.command(name="import")
 @click.argument("file", type=click.File("r", encoding="utf-8"))
 @click.option("--dry-run", is_flag=True, help="Report what would change; change nothing.")
+@click.option("--prune", is_flag=True, help="Also delete Public images that are not in FILE.")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def import_(file: Any, dry_run: bool, output: str) -> None:
-    """Create or update the images in FILE (YAML or JSON list); idempotent."""
+def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
+    """Create or update the images in FILE (YAML or JSON list) in one transaction; idempotent."""
     settings = _settings()
     try:
         data = yaml.safe_load(file)
@@ -244,7 +248,7 @@ def import_(file: Any, dry_run: bool, output: str) -> None:
     if settings.database_url.startswith("sqlite"):
         db.upgrade(settings.database_url)
     try:
-        report = asyncio.run(_import(settings, data, dry_run))
+        report = asyncio.run(_import(settings, data, dry_run, prune))
     except RequestInvalid as exc:
         for item in exc.details:
             click.echo(f"{file.name}: {item.field}: {item.reason} (got {item.originalValue!r})", err=True)
@@ -252,6 +256,8 @@ def import_(file: Any, dry_run: bool, output: str) -> None:
     except ApiError as exc:
         raise click.ClickException(str(exc)) from None
     summary = report.summary()
+    if not prune:
+        del summary["deleted"]
     if output == "json":
         click.echo(json.dumps({**summary, "dryRun": dry_run, "revision": report.revision}))
     else:
@@ -259,10 +265,87 @@ def import_(file: Any, dry_run: bool, output: str) -> None:
         click.echo(", ".join(f"{prefix}{key} {value}" for key, value in summary.items()))
 
 
-async def _import(settings: Settings, data: Any, dry_run: bool) -> ImportReport:
+async def _import(settings: Settings, data: Any, dry_run: bool, prune: bool) -> ImportReport:
     entries = read_catalog_entries(data)
     store = Store.open(settings.database_url, statement_timeout=None)
     try:
-        return await store.import_catalog(entries, dry_run=dry_run)
+        return await store.import_catalog(entries, dry_run=dry_run, prune=prune)
+    finally:
+        await store.close()
+
+
+@catalog.command(name="export")
+@click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+@click.option(
+    "--type",
+    "image_type",
+    type=click.Choice(["Public", "Customized", "all"]),
+    default="all",
+    show_default=True,
+    help="Which images to export.",
+)
+def export(output: str, image_type: str) -> None:
+    """Write the catalog as a catalog file (ids and createdAt kept, so it re-imports to the same state)."""
+    settings = _settings()
+    images = asyncio.run(_export(settings))
+    entries = [msgspec.to_builtins(image) for image in images if image_type in ("all", image.type.value)]
+    if output == "json":
+        click.echo(json.dumps(entries, indent=2))
+    else:
+        click.echo(yaml.safe_dump(entries, sort_keys=False, allow_unicode=True), nl=False)
+
+
+async def _export(settings: Settings) -> list[ImageResp]:
+    store = Store.open(settings.database_url, statement_timeout=None)
+    try:
+        return await store.export_catalog()
+    finally:
+        await store.close()
+
+
+# ----------------------------------------------------------------------------------------------- audit
+
+
+@main.command()
+@click.option(
+    "--since",
+    type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"]),
+    default=None,
+    help="Only changes at or after this time (UTC unless an offset is given).",
+)
+@click.option("--image", "image_id", type=click.UUID, default=None, help="Only changes to this image.")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1_000_000),
+    default=1000,
+    show_default=True,
+    help="The most recent changes to show at most.",
+)
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def audit(since: dt.datetime | None, image_id: uuid.UUID | None, limit: int, output: str) -> None:
+    """Show the audit trail: every create, update and delete, by whom, of which image, what changed."""
+    settings = _settings()
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=dt.UTC)
+    rows = asyncio.run(_audit(settings, since, image_id, limit))
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        who = row["actor"] or "-"
+        org = row["actorOrg"] or "operator"
+        fields = ",".join(sorted(row["changes"])) if row["action"] == "update" else ""
+        click.echo(
+            f"{row['at']}  r{row['revision']:<6} {row['action']:<7} {row['imageId']}  {org} {who}"
+            + (f"  {fields}" if fields else "")
+        )
+
+
+async def _audit(
+    settings: Settings, since: dt.datetime | None, image_id: uuid.UUID | None, limit: int
+) -> list[dict[str, Any]]:
+    store = Store.open(settings.database_url)
+    try:
+        return await store.audit_entries(since=since, image_id=image_id, limit=limit)
     finally:
         await store.close()

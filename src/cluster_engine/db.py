@@ -72,6 +72,25 @@ deleted_images = sa.Table(
 )
 
 
+# One row per change, written in the same transaction as the change itself.
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column(
+        "seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),  # create | update | delete
+    sa.Column("image_id", sa.Uuid, nullable=False),
+    sa.Column("actor_org", sa.Uuid, nullable=True),  # None: an operator's CLI (catalog import)
+    sa.Column("actor", sa.Text, nullable=True),  # token subject, or "cli:catalog-import"
+    sa.Column("changes", sa.JSON, nullable=False),
+    sa.Index("ix_audit_log_image_id", "image_id"),
+    sa.Index("ix_audit_log_at", "at"),
+)
+
+
 def async_url(url: str) -> str:
     """Map the user-facing URL (sqlite:///…, postgresql://…) onto the async driver we ship."""
     parsed = make_url(url)

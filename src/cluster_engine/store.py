@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +19,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .db import catalog_state, create_engine, deleted_images, image_products, images
-from .errors import Conflict, RequestInvalid
+from .db import audit_log, catalog_state, create_engine, deleted_images, image_products, images
+from .errors import Conflict, NotFound, RequestInvalid
 from .schemas import ImageCreateReq, ImageResp, ImageType, Partition
 from .validation import CatalogEntry, detail
 
 PUBLIC_NAMESPACE = "public"
+IMAGE_NOT_FOUND = "image not found"
+DUPLICATE = "an image with this name already exists in this idc for this owner"
 NOTIFY_CHANNEL = "cluster_engine_catalog"
 
 
@@ -92,15 +94,29 @@ class Changes:
     full: bool = False  # True: ``upserted`` is the whole catalog, replace rather than apply
 
 
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who made a change, for the audit trail."""
+
+    org_id: uuid.UUID | None
+    name: str | None
+
+
 @dataclass(slots=True)
 class ImportReport:
     created: list[uuid.UUID] = field(default_factory=list)
     updated: list[uuid.UUID] = field(default_factory=list)
     unchanged: list[uuid.UUID] = field(default_factory=list)
+    deleted: list[uuid.UUID] = field(default_factory=list)
     revision: int | None = None
 
     def summary(self) -> dict[str, int]:
-        return {"created": len(self.created), "updated": len(self.updated), "unchanged": len(self.unchanged)}
+        return {
+            "created": len(self.created),
+            "updated": len(self.updated),
+            "unchanged": len(self.unchanged),
+            "deleted": len(self.deleted),
+        }
 
 
 class Store:
@@ -187,19 +203,136 @@ class Store:
         return revision
 
     @staticmethod
-    async def _set_products(conn: AsyncConnection, pairs: Iterable[tuple[uuid.UUID, list[str]]]) -> None:
+    async def _set_products(
+        conn: AsyncConnection, pairs: Iterable[tuple[uuid.UUID, list[str]]], *, fresh: bool = False
+    ) -> None:
         pairs = list(pairs)
         if not pairs:
             return
-        await conn.execute(
-            image_products.delete().where(image_products.c.image_id.in_([i for i, _ in pairs]))
-        )
+        if not fresh:  # new images have no rows yet
+            for chunk in _chunks([i for i, _ in pairs], 500):
+                await conn.execute(image_products.delete().where(image_products.c.image_id.in_(chunk)))
         rows = [{"image_id": i, "product": p} for i, products in pairs for p in products]
         if rows:
             await conn.execute(image_products.insert(), rows)
 
-    async def import_catalog(self, entries: Sequence[CatalogEntry], *, dry_run: bool = False) -> ImportReport:
-        """Create or update every entry in one transaction; idempotent (a second run changes nothing)."""
+    @staticmethod
+    async def _audit(
+        conn: AsyncConnection,
+        revision: int,
+        actor: Actor,
+        records: Sequence[tuple[str, uuid.UUID, dict[str, Any]]],
+    ) -> None:
+        if records:
+            at = utcnow()
+            await conn.execute(
+                audit_log.insert(),
+                [
+                    {
+                        "at": at,
+                        "revision": revision,
+                        "action": action,
+                        "image_id": image_id,
+                        "actor_org": actor.org_id,
+                        "actor": actor.name,
+                        "changes": changes,
+                    }
+                    for action, image_id, changes in records
+                ],
+            )
+
+    @staticmethod
+    async def _row(conn: AsyncConnection, image_id: uuid.UUID, *, lock: bool) -> Any:
+        query = sa.select(images).where(images.c.id == image_id)
+        if lock and conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        return (await conn.execute(query)).first()
+
+    async def create_image(self, spec: ImageCreateReq, image_type: ImageType, actor: Actor) -> ImageResp:
+        """Insert one image; the database's unique constraint decides duplicates (no check-then-insert)."""
+        now = utcnow()
+        image_id = uuid.uuid4()
+        try:
+            async with self.engine.begin() as conn:
+                revision = await self._bump(conn)
+                values = {
+                    **_columns(spec),
+                    "type": image_type.value,
+                    "namespace": namespace_of(image_type, spec.orgId),
+                }
+                await conn.execute(
+                    images.insert().values(
+                        id=image_id, created_at=now, updated_at=now, revision=revision, **values
+                    )
+                )
+                await self._set_products(conn, [(image_id, spec.supportedProducts)], fresh=True)
+                image = image_from_row(await self._row(conn, image_id, lock=False))
+                await self._audit(conn, revision, actor, [("create", image_id, _snapshot(image))])
+        except IntegrityError:
+            raise Conflict(DUPLICATE) from None
+        return image
+
+    async def update_image(
+        self, image_id: uuid.UUID, actor: Actor, change: Callable[[ImageResp], ImageCreateReq]
+    ) -> ImageResp:
+        """Apply ``change`` (it checks permission and validates, raising ApiErrors) to the current image."""
+        try:
+            async with self.engine.begin() as conn:
+                revision = await self._bump(conn)
+                row = await self._row(conn, image_id, lock=True)
+                if row is None:
+                    raise NotFound(IMAGE_NOT_FOUND)
+                before = image_from_row(row)
+                spec = change(before)
+                values = {**_columns(spec), "namespace": namespace_of(before.type, spec.orgId)}
+                if all(_same(row._mapping[k], v) for k, v in values.items()):
+                    await conn.rollback()
+                    return before
+                await conn.execute(
+                    images.update()
+                    .where(images.c.id == image_id)
+                    .values(updated_at=utcnow(), revision=revision, **values)
+                )
+                await self._set_products(conn, [(image_id, spec.supportedProducts)])
+                after = image_from_row(await self._row(conn, image_id, lock=False))
+                await self._audit(conn, revision, actor, [("update", image_id, _diff(before, after))])
+        except IntegrityError:
+            raise Conflict(DUPLICATE) from None
+        return after
+
+    async def delete_image(
+        self, image_id: uuid.UUID, actor: Actor, check: Callable[[ImageResp], None]
+    ) -> ImageResp:
+        """Delete one image after ``check`` (permission) passes on its current state."""
+        async with self.engine.begin() as conn:
+            revision = await self._bump(conn)
+            row = await self._row(conn, image_id, lock=True)
+            if row is None:
+                raise NotFound(IMAGE_NOT_FOUND)
+            image = image_from_row(row)
+            check(image)
+            await self._delete(conn, revision, [image_id])
+            await self._audit(conn, revision, actor, [("delete", image_id, _snapshot(image))])
+        return image
+
+    @staticmethod
+    async def _delete(conn: AsyncConnection, revision: int, ids: Sequence[uuid.UUID]) -> None:
+        await conn.execute(image_products.delete().where(image_products.c.image_id.in_(ids)))
+        await conn.execute(images.delete().where(images.c.id.in_(ids)))
+        await conn.execute(deleted_images.delete().where(deleted_images.c.id.in_(ids)))
+        await conn.execute(deleted_images.insert(), [{"id": i, "revision": revision} for i in ids])
+
+    async def import_catalog(
+        self,
+        entries: Sequence[CatalogEntry],
+        *,
+        dry_run: bool = False,
+        prune: bool = False,
+        actor: Actor | None = None,
+    ) -> ImportReport:
+        """Create or update every entry (and with ``prune`` delete Public images absent from the file) in
+        one transaction; idempotent: a second run changes nothing and takes no revision."""
+        actor = actor or Actor(org_id=None, name="cli:catalog-import")
         _reject_duplicates(entries)
         report = ImportReport()
         try:
@@ -211,6 +344,8 @@ class Store:
                 now = utcnow()
                 inserts: list[dict[str, Any]] = []
                 updates: list[dict[str, Any]] = []
+                audit: list[tuple[str, uuid.UUID, dict[str, Any]]] = []
+                seen: set[uuid.UUID] = set()
                 for entry in entries:
                     namespace = namespace_of(entry.type, entry.spec.orgId)
                     row = (
@@ -232,6 +367,7 @@ class Store:
                         )
                         report.created.append(image_id)
                         continue
+                    seen.add(row.id)
                     if entry.created_at is not None:
                         values["created_at"] = entry.created_at
                     current = row._mapping
@@ -240,25 +376,78 @@ class Store:
                         continue
                     updates.append({**values, "b_id": row.id, "updated_at": now, "revision": revision})
                     report.updated.append(row.id)
-                if dry_run or not (inserts or updates):
+                if prune:
+                    report.deleted = [
+                        row.id for row in existing if row.namespace == PUBLIC_NAMESPACE and row.id not in seen
+                    ]
+                if dry_run or not (inserts or updates or report.deleted):
                     await conn.rollback()
                     return report
                 if inserts:
                     await conn.execute(images.insert(), inserts)
                 if updates:
-                    await conn.execute(
-                        images.update().where(images.c.id == sa.bindparam("b_id")),
-                        updates,
-                    )
+                    await conn.execute(images.update().where(images.c.id == sa.bindparam("b_id")), updates)
                 await self._set_products(
-                    conn,
-                    [(r["id"], r["supported_products"]) for r in inserts]
-                    + [(r["b_id"], r["supported_products"]) for r in updates],
+                    conn, [(r["id"], r["supported_products"]) for r in inserts], fresh=True
                 )
+                await self._set_products(conn, [(r["b_id"], r["supported_products"]) for r in updates])
+                if report.deleted:
+                    await self._delete(conn, revision, report.deleted)
+                changed = [*report.created, *report.updated]
+                after = {}
+                for chunk in _chunks(changed, 500):
+                    rows = (await conn.execute(sa.select(images).where(images.c.id.in_(chunk)))).all()
+                    after.update({row.id: image_from_row(row) for row in rows})
+                audit += [("create", i, _snapshot(after[i])) for i in report.created]
+                audit += [("update", i, _diff(image_from_row(by_id[i]), after[i])) for i in report.updated]
+                audit += [("delete", i, _snapshot(image_from_row(by_id[i]))) for i in report.deleted]
+                await self._audit(conn, revision, actor, audit)
                 report.revision = revision
         except IntegrityError:
-            raise Conflict("an image with the same name already exists in that idc for that owner") from None
+            raise Conflict(DUPLICATE) from None
         return report
+
+    async def export_catalog(self) -> list[ImageResp]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(images).order_by(images.c.created_at, images.c.id))).all()
+        return [image_from_row(row) for row in rows]
+
+    async def audit_entries(
+        self, *, since: dt.datetime | None = None, image_id: uuid.UUID | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        query = sa.select(audit_log).order_by(audit_log.c.seq.desc()).limit(limit)
+        if since is not None:
+            query = query.where(audit_log.c.at >= since)
+        if image_id is not None:
+            query = query.where(audit_log.c.image_id == image_id)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            {
+                "at": _utc(row.at).isoformat(),
+                "revision": row.revision,
+                "action": row.action,
+                "imageId": str(row.image_id),
+                "actorOrg": str(row.actor_org) if row.actor_org else None,
+                "actor": row.actor,
+                "changes": row.changes,
+            }
+            for row in reversed(rows)
+        ]
+
+
+def _chunks(items: Sequence[uuid.UUID], size: int) -> Iterator[Sequence[uuid.UUID]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _snapshot(image: ImageResp) -> dict[str, Any]:
+    return msgspec.to_builtins(image)  # type: ignore[no-any-return]
+
+
+def _diff(before: ImageResp, after: ImageResp) -> dict[str, Any]:
+    old, new = _snapshot(before), _snapshot(after)
+    return {key: {"from": old[key], "to": new[key]} for key in new if old.get(key) != new[key]}
 
 
 def _same(stored: Any, wanted: Any) -> bool:

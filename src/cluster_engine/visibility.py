@@ -1,0 +1,52 @@
+"""Who may see and who may change which image: small pure functions, the only place these rules live.
+
+- Reading needs only a valid token: a caller sees every Public image and its own org's Customized ones.
+- ``images:write`` manages the Customized images of the caller's own org.
+- ``images:admin`` manages Public images and the Customized images of any org.
+- An image the caller may not see is reported exactly like a missing one (404), never as forbidden.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from .auth import SCOPE_ADMIN, SCOPE_WRITE, Principal
+from .errors import Forbidden, NotFound
+from .schemas import ImageType
+
+NOT_FOUND = "image not found"
+
+
+def can_see(caller: Principal, image_type: ImageType, owner: uuid.UUID) -> bool:
+    return image_type is ImageType.PUBLIC or owner == caller.org_id
+
+
+def can_manage(caller: Principal, image_type: ImageType, owner: uuid.UUID) -> bool:
+    if caller.can(SCOPE_ADMIN):
+        return True
+    return caller.can(SCOPE_WRITE) and image_type is ImageType.CUSTOMIZED and owner == caller.org_id
+
+
+def require_some_write_scope(caller: Principal) -> None:
+    """Checked before a request body is read: a read-only token can change nothing."""
+    if not (caller.can(SCOPE_WRITE) or caller.can(SCOPE_ADMIN)):
+        raise Forbidden(f"this operation needs the {SCOPE_WRITE} or {SCOPE_ADMIN} scope")
+
+
+def check_create(caller: Principal, image_type: ImageType, owner: uuid.UUID) -> None:
+    if caller.can(SCOPE_ADMIN):
+        return
+    if image_type is ImageType.PUBLIC:
+        raise Forbidden(f"publishing Public images needs the {SCOPE_ADMIN} scope")
+    if owner != caller.org_id:
+        raise Forbidden("images:write creates images for the caller's own org only")
+
+
+def check_change(caller: Principal, image_type: ImageType, owner: uuid.UUID) -> None:
+    """For PATCH and DELETE of an existing image: hidden → 404, visible but not the caller's → 403."""
+    if caller.can(SCOPE_ADMIN):
+        return
+    if not can_see(caller, image_type, owner):
+        raise NotFound(NOT_FOUND)
+    if not can_manage(caller, image_type, owner):
+        raise Forbidden(f"changing this image needs the {SCOPE_ADMIN} scope")
