@@ -9,6 +9,7 @@ Verified tokens are cached until they expire (bounded), since signature checks d
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import time
@@ -81,7 +82,10 @@ class _JwkSet(_KeySource):
         if location.startswith(("https://", "http://")):
             self.client = jwt.PyJWKClient(location, cache_keys=True, lifespan=300, timeout=5)
         else:
-            jwk_set = jwt.PyJWKSet.from_json(Path(location).read_text())
+            try:
+                jwk_set = jwt.PyJWKSet.from_json(Path(location).read_text())
+            except jwt.PyJWKSetError as exc:
+                raise ConfigError(f"CE_JWT_JWKS holds no usable keys: {exc}") from None
             for key in jwk_set.keys:
                 if key.key_type == "oct":
                     raise ConfigError("CE_JWT_JWKS must hold public keys only (found a symmetric 'oct' key)")
@@ -161,8 +165,10 @@ class Verifier:
             raise Unauthenticated(missing=True, detail="no Authorization header")
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthenticated(detail="not a bearer token")
+        if scheme.lower() != "bearer":  # RFC 6750 §3.1: no error code for another auth scheme
+            raise Unauthenticated(missing=True, detail="not a bearer token")
+        if not token:
+            raise Unauthenticated(detail="empty bearer token")
         cached = self._cache.get(token)
         if cached is not None:
             principal, expires = cached
@@ -191,11 +197,14 @@ class Verifier:
         except Exception as exc:  # fail closed: whatever went wrong, the token is not accepted
             raise Unauthenticated(detail=f"{exc.__class__.__name__}: {exc}") from None
         principal = _principal(claims)
-        expires = claims["exp"]
-        if self.cache_size and isinstance(expires, int | float):
+        if self.cache_size:
+            try:
+                expires = float(claims["exp"])
+            except (OverflowError, TypeError, ValueError):
+                expires = math.inf if isinstance(claims["exp"], int) else 0.0
             if len(self._cache) >= self.cache_size:
                 del self._cache[next(iter(self._cache))]
-            self._cache[token] = (principal, float(expires))
+            self._cache[token] = (principal, expires)
         return principal
 
 
@@ -209,6 +218,8 @@ def _principal(claims: dict[str, Any]) -> Principal:
         org_id = uuid.UUID(org)
     except ValueError:
         raise Unauthenticated(detail="orgId claim is not a UUID") from None
+    if str(org_id) != org.lower():  # uuid.UUID also takes braces and moved hyphens
+        raise Unauthenticated(detail="orgId claim is not a canonical UUID")
     if not isinstance(scope, str) or (subject is not None and not isinstance(subject, str)):
         raise Unauthenticated(detail="scope or sub claim malformed")
     return Principal(org_id=org_id, scopes=frozenset(scope.split()), subject=subject)
