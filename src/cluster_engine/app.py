@@ -1,6 +1,7 @@
 """create_app(settings): store → catalog → routes, auth, error mapping, lifespan.
 
-Middleware order (outermost first, as Starlette builds it): ServerErrorMiddleware turns anything
+Outermost is ``HotPath``, which answers ``GET /v1/images`` and ``GET /v1/images/{id}`` itself (raw ASGI,
+see hotpath.py) and passes everything else to Starlette. There, ServerErrorMiddleware turns anything
 unexpected into the 500 contract body; ExceptionMiddleware maps ApiError (and routing's 404/405) onto
 contract bodies. Handlers only raise.
 """
@@ -25,6 +26,7 @@ from .auth import Verifier
 from .catalog import Catalog
 from .config import Settings
 from .errors import INTERNAL_ERROR_BODY, ApiError, MethodNotAllowed, NotFound, Unavailable
+from .hotpath import GetImage, HotPath, ListImages
 from .schemas import json_encoder
 from .store import Store
 
@@ -88,7 +90,10 @@ async def openapi_yaml(_request: Request) -> Response:
     return Response(openapi.document_yaml(), media_type="application/yaml")
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings) -> HotPath:
+    verifier = Verifier(settings)
+    list_images, get_image = ListImages(), GetImage()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = Store.open(settings.database_url)
@@ -97,6 +102,8 @@ def create_app(settings: Settings) -> Starlette:
         )
         app.state.store = store
         app.state.catalog = catalog
+        list_images.bind(catalog, verifier)
+        get_image.bind(catalog, verifier)
         try:
             await catalog.refresh()
         except Exception as exc:  # serve 503s until the database answers; the poller keeps trying
@@ -114,9 +121,9 @@ def create_app(settings: Settings) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/v1/images", images.list_images, methods=["GET"]),
+            Route("/v1/images", list_images, methods=["GET"]),
             Route("/v1/images", images.create_image, methods=["POST"]),
-            Route("/v1/images/{id}", images.get_image, methods=["GET"]),
+            Route("/v1/images/{id}", get_image, methods=["GET"]),
             Route("/v1/images/{id}", images.patch_image, methods=["PATCH"]),
             Route("/v1/images/{id}", images.delete_image, methods=["DELETE"]),
             Route("/healthz", healthz, methods=["GET"]),
@@ -133,5 +140,5 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.verifier = Verifier(settings)
-    return app
+    app.state.verifier = verifier
+    return HotPath(app, list_images, get_image)

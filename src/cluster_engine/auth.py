@@ -37,6 +37,11 @@ class Principal:
     org_id: uuid.UUID
     scopes: frozenset[str]
     subject: str | None = None
+    org: str = ""  # str(org_id), computed once per token rather than per request
+
+    def __post_init__(self) -> None:
+        if not self.org:
+            object.__setattr__(self, "org", str(self.org_id))
 
     def can(self, scope: str) -> bool:
         return scope in self.scopes
@@ -157,28 +162,41 @@ class Verifier:
         self.audience = settings.jwt_audience
         self.leeway = settings.jwt_leeway
         self.cache_size = settings.token_cache_size
-        self._cache: dict[str, tuple[Principal, float]] = {}
+        self._cache: dict[bytes, tuple[Principal, float]] = {}
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        """Verify an ``Authorization`` header value; raise ``Unauthenticated`` for anything wrong."""
+    def authenticate(self, authorization: bytes | None) -> Principal:
+        """Verify a raw ``Authorization`` header value; raise ``Unauthenticated`` for anything wrong."""
         if not authorization:
             raise Unauthenticated(missing=True, detail="no Authorization header")
+        cached = self._cache.get(authorization)
+        if cached is not None:
+            principal, expires = cached
+            if time.time() < expires + self.leeway:
+                return principal
+            del self._cache[authorization]
+            raise Unauthenticated(expired=True, detail="token expired")
+        principal, expires = self._verify_header(authorization.decode("latin-1"))
+        if self.cache_size:
+            if len(self._cache) >= self.cache_size:
+                del self._cache[next(iter(self._cache))]
+            self._cache[authorization] = (principal, expires)
+        return principal
+
+    def _verify_header(self, authorization: str) -> tuple[Principal, float]:
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer":  # RFC 6750 §3.1: no error code for another auth scheme
             raise Unauthenticated(missing=True, detail="not a bearer token")
         if not token:
             raise Unauthenticated(detail="empty bearer token")
-        cached = self._cache.get(token)
-        if cached is not None:
-            principal, expires = cached
-            if time.time() < expires + self.leeway:
-                return principal
-            del self._cache[token]
-            raise Unauthenticated(expired=True, detail="token expired")
-        return self.verify(token)
+        return self._check(token)
 
     def verify(self, token: str) -> Principal:
+        """Check a token's signature and claims; its principal, or ``Unauthenticated``."""
+        return self._check(token)[0]
+
+    def _check(self, token: str) -> tuple[Principal, float]:
+        """The token's principal and expiry (epoch seconds)."""
         if len(token) > MAX_TOKEN_LENGTH:
             raise Unauthenticated(detail="token too long")
         try:
@@ -196,16 +214,11 @@ class Verifier:
             raise Unauthenticated(expired=True, detail="token expired") from None
         except Exception as exc:  # fail closed: whatever went wrong, the token is not accepted
             raise Unauthenticated(detail=f"{exc.__class__.__name__}: {exc}") from None
-        principal = _principal(claims)
-        if self.cache_size:
-            try:
-                expires = float(claims["exp"])
-            except (OverflowError, TypeError, ValueError):
-                expires = math.inf if isinstance(claims["exp"], int) else 0.0
-            if len(self._cache) >= self.cache_size:
-                del self._cache[next(iter(self._cache))]
-            self._cache[token] = (principal, expires)
-        return principal
+        try:
+            expires = float(claims["exp"])
+        except (OverflowError, TypeError, ValueError):
+            expires = math.inf if isinstance(claims["exp"], int) else 0.0
+        return _principal(claims), expires
 
 
 def _principal(claims: dict[str, Any]) -> Principal:

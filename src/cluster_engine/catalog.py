@@ -110,13 +110,31 @@ class Shelf:
 
 @dataclass(frozen=True, slots=True)
 class Rendered:
+    """A serialized answer with its strong ETag and its response headers, built once."""
+
     body: bytes
-    etag: str
+    etag: bytes
+    headers: list[tuple[bytes, bytes]]
+    headers_304: list[tuple[bytes, bytes]]
+
+    @classmethod
+    def of(cls, body: bytes) -> Rendered:
+        etag = b'"' + hashlib.blake2b(body, digest_size=16).hexdigest().encode() + b'"'
+        validators = [(b"etag", etag), (b"cache-control", b"private, max-age=0")]
+        return cls(
+            body=body,
+            etag=etag,
+            headers=[
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *validators,
+            ],
+            headers_304=validators,
+        )
 
 
 def render(entries: Iterable[Entry]) -> Rendered:
-    body = b"[" + b",".join(entry.json for entry in entries) + b"]"
-    return Rendered(body=body, etag='"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"')
+    return Rendered.of(b"[" + b",".join(entry.json for entry in entries) + b"]")
 
 
 class Catalog:
@@ -134,9 +152,8 @@ class Catalog:
 
     # ------------------------------------------------------------------------------------ queries
 
-    def list(self, org_id: uuid.UUID, idc: str | None, product: str | None) -> Rendered:
-        """The caller's visible images, filtered, serialized (cached until the catalog changes)."""
-        org = str(org_id)
+    def list(self, org: str, idc: str | None, product: str | None) -> Rendered:
+        """The visible images of ``org`` (canonical id text), filtered, serialized; cached per revision."""
         own = self._shelves.get(org)
         visible = org if own is not None and len(own) else PUBLIC
         cache_key = (visible, idc, product)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import importlib.util
 import json
 import logging
 import os
@@ -84,7 +85,7 @@ def main() -> None:
 def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, log_level: str) -> None:
     """Run the API server."""
     from granian import Granian
-    from granian.constants import Interfaces
+    from granian.constants import Interfaces, Loops
     from granian.log import LogLevels
 
     settings = _settings()
@@ -129,10 +130,15 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
         address=host,
         port=port,
         interface=Interfaces.ASGI,
+        loop=Loops.uvloop if _has_uvloop() else Loops.asyncio,
         workers=workers,
         log_level=LogLevels(log_level),
         log_access=False,
     ).serve()
+
+
+def _has_uvloop() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
 
 
 def _redact(url: str) -> str:

@@ -1,4 +1,7 @@
-"""HTTP handlers for images: decode → rule → catalog/store → encode. Errors are raised, never built here."""
+"""HTTP handlers for image writes: decode → rule → store → encode. Errors are raised, never built here.
+
+The read endpoints are in ``hotpath.py``.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ from starlette.responses import Response
 
 from . import validation, visibility
 from .auth import Principal, Verifier
-from .catalog import Catalog, Rendered
-from .errors import NotFound, PayloadTooLarge, RequestInvalid
+from .errors import PayloadTooLarge, RequestInvalid
+from .hotpath import request_headers
 from .schemas import ImageCreateReq, ImageResp, json_encoder
 from .store import Actor, Store
 
@@ -21,35 +24,13 @@ CACHE_CONTROL = "private, max-age=0"
 MAX_BODY = 1024 * 1024
 
 
-def etag_matches(if_none_match: str | None, etag: str) -> bool:
-    """Weak comparison (RFC 9110 §13.1.2) of an If-None-Match list against our strong ETag."""
-    if not if_none_match:
-        return False
-    if if_none_match.strip() == "*":
-        return True
-    for candidate in if_none_match.split(","):
-        candidate = candidate.strip()
-        if candidate.startswith("W/"):
-            candidate = candidate[2:]
-        if candidate == etag:
-            return True
-    return False
-
-
 def etag_of(body: bytes) -> str:
     return '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
 
 
-def respond(request: Request, rendered: Rendered) -> Response:
-    headers = {"ETag": rendered.etag, "Cache-Control": CACHE_CONTROL}
-    if etag_matches(request.headers.get("if-none-match"), rendered.etag):
-        return Response(status_code=304, headers=headers)
-    return Response(rendered.body, media_type=JSON, headers=headers)
-
-
 def principal(request: Request) -> Principal:
     verifier: Verifier = request.app.state.verifier
-    return verifier.authenticate(request.headers.get("authorization"))
+    return verifier.authenticate(request_headers(request.scope)[0])
 
 
 def actor(caller: Principal) -> Actor:
@@ -76,28 +57,6 @@ async def read_json(request: Request) -> Any:
         raise RequestInvalid(
             [validation.detail("body", "json", "The body must be a JSON document.", text)]
         ) from None
-
-
-# ---------------------------------------------------------------------------------------------- reads
-
-
-async def list_images(request: Request) -> Response:
-    caller = principal(request)
-    query = validation.list_query({name: request.query_params.getlist(name) for name in ("idc", "product")})
-    catalog: Catalog = request.app.state.catalog
-    await catalog.ensure_fresh()
-    return respond(request, catalog.list(caller.org_id, query.idc, query.product))
-
-
-async def get_image(request: Request) -> Response:
-    caller = principal(request)
-    image_id = validation.image_id(request.path_params["id"])
-    catalog: Catalog = request.app.state.catalog
-    await catalog.ensure_fresh()
-    entry = catalog.get(image_id)
-    if entry is None or not visibility.can_see(caller, entry.image.type, entry.image.orgId):
-        raise NotFound(visibility.NOT_FOUND)
-    return respond(request, Rendered(body=entry.json, etag=etag_of(entry.json)))
 
 
 # --------------------------------------------------------------------------------------------- writes
