@@ -98,7 +98,11 @@ def create_app(settings: Settings) -> HotPath:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = Store.open(settings.database_url)
         catalog = Catalog(
-            store, freshness_bound=settings.freshness_bound, cache_size=settings.response_cache_size
+            store,
+            freshness_bound=settings.freshness_bound,
+            cache_size=settings.response_cache_size,
+            max_images=settings.cache_images,
+            max_orgs=settings.cache_orgs,
         )
         app.state.store = store
         app.state.catalog = catalog

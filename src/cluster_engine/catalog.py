@@ -5,11 +5,17 @@ keeps its entries sorted in list order, whole and per ``idc``, per product and p
 filtered query walks only its result. A caller's visible set is the public shelf merged with its own
 org's shelf; an org without Customized images shares the public responses in the cache.
 
+Memory stays bounded however many orgs there are: the Public shelf is always held, org shelves are held
+for recently seen orgs only (least recently used go first, past ``max_images`` Customized images or
+``max_orgs`` orgs, known-empty orgs included) and loaded from indexed SQL on first use.
+
 List order (documented in the served OpenAPI document): ``createdAt`` ascending, then ``id`` ascending.
 
 Freshness: the catalog knows the database revision it reflects and when that was last confirmed.
 ``ensure_fresh`` lets a request through while the confirmation is younger than the bound; otherwise it
 refreshes from the store first and, if that fails, the request gets a 503 instead of stale data.
+Changes are applied idempotently (each entry remembers the revision that wrote it, and older news is
+ignored), which is what lets org loads and change polling interleave safely.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import bisect
 import hashlib
 import heapq
 import logging
+import sys
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -32,27 +40,37 @@ log = logging.getLogger(__name__)
 
 PUBLIC = "public"
 SortKey = tuple[str, str]
-REFRESH_TIMEOUT = 1.0  # a request waits at most this long for a refresh before answering 503
+REFRESH_TIMEOUT = 1.0  # a request waits at most this long for the database before answering 503
 RETRY_AFTER_FAILURE = 0.25  # after a failed refresh, requests answer 503 at once for this long
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    image: ImageResp
+    id: uuid.UUID
     json: bytes  # the image's serialized ImageResp, joined into list bodies as is
     key: SortKey  # (createdAt in RFC 3339 UTC, id): string order equals time order
-    namespace: str
+    namespace: str  # "public", or the owner org's id
+    idc: str
+    products: tuple[str, ...]
+    revision: int  # the catalog revision that wrote this state of the image
 
 
 def _sort_key(entry: Entry) -> SortKey:
     return entry.key
 
 
-def make_entry(image: ImageResp) -> Entry:
-    namespace = PUBLIC if image.type is ImageType.PUBLIC else str(image.orgId)
+def make_entry(image: ImageResp, revision: int) -> Entry:
+    intern = sys.intern
+    namespace = PUBLIC if image.type is ImageType.PUBLIC else intern(str(image.orgId))
     created = image.createdAt.strftime("%Y-%m-%dT%H:%M:%S.%f")
     return Entry(
-        image=image, json=json_encoder.encode(image), key=(created, str(image.id)), namespace=namespace
+        id=image.id,
+        json=json_encoder.encode(image),
+        key=(created, str(image.id)),
+        namespace=namespace,
+        idc=intern(image.idc),
+        products=tuple(intern(p) for p in image.supportedProducts),
+        revision=revision,
     )
 
 
@@ -68,13 +86,11 @@ class Shelf:
         self.by_idc_product: dict[tuple[str, str], list[Entry]] = {}
 
     def _lists(self, entry: Entry, create: bool) -> Iterator[list[Entry]]:
-        image = entry.image
         yield self.all
-        for index, key in ((self.by_idc, image.idc),):
-            yield index.setdefault(key, []) if create else index.get(key, [])
-        for product in image.supportedProducts:
+        yield self.by_idc.setdefault(entry.idc, []) if create else self.by_idc.get(entry.idc, [])
+        for product in entry.products:
             yield self.by_product.setdefault(product, []) if create else self.by_product.get(product, [])
-            pair = (image.idc, product)
+            pair = (entry.idc, product)
             yield self.by_idc_product.setdefault(pair, []) if create else self.by_idc_product.get(pair, [])
 
     def add(self, entry: Entry) -> None:
@@ -86,14 +102,13 @@ class Shelf:
             at = bisect.bisect_left(items, entry.key, key=_sort_key)
             if at < len(items) and items[at] is entry:
                 del items[at]
-        image = entry.image
-        if not self.by_idc.get(image.idc):
-            self.by_idc.pop(image.idc, None)
-        for product in image.supportedProducts:
+        if not self.by_idc.get(entry.idc):
+            self.by_idc.pop(entry.idc, None)
+        for product in entry.products:
             if not self.by_product.get(product):
                 self.by_product.pop(product, None)
-            if not self.by_idc_product.get((image.idc, product)):
-                self.by_idc_product.pop((image.idc, product), None)
+            if not self.by_idc_product.get((entry.idc, product)):
+                self.by_idc_product.pop((entry.idc, product), None)
 
     def select(self, idc: str | None, product: str | None) -> list[Entry]:
         if idc is not None and product is not None:
@@ -138,50 +153,120 @@ def render(entries: Iterable[Entry]) -> Rendered:
 
 
 class Catalog:
-    def __init__(self, store: Store, *, freshness_bound: float = 1.0, cache_size: int = 4096) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        freshness_bound: float = 1.0,
+        cache_size: int = 4096,
+        max_images: int = 200_000,
+        max_orgs: int = 100_000,
+    ) -> None:
         self.store = store
         self.freshness_bound = freshness_bound
         self.cache_size = cache_size
-        self.revision: int | None = None
+        self.max_images = max_images  # Customized images held in memory, at most
+        self.max_orgs = max_orgs  # org shelves (empty ones included) held in memory, at most
+        self.revision: int | None = None  # the database revision this read model reflects
         self.confirmed_at = float("-inf")  # time.monotonic() when the revision was last confirmed
         self.failed_at = float("-inf")  # time.monotonic() of the last failed refresh
+        self._cursor: int | None = None  # changes are fetched from here (may rewind below revision)
         self._entries: dict[uuid.UUID, Entry] = {}
-        self._shelves: dict[str, Shelf] = {PUBLIC: Shelf()}
+        self._public = Shelf()
+        self._orgs: OrderedDict[str, Shelf] = OrderedDict()
+        self._org_images = 0
+        self._loading: dict[str, asyncio.Future[Shelf]] = {}
         self._cache: dict[tuple[str, str | None, str | None], Rendered] = {}
         self._refresh_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------------------------ queries
 
-    def list(self, org: str, idc: str | None, product: str | None) -> Rendered:
-        """The visible images of ``org`` (canonical id text), filtered, serialized; cached per revision."""
-        own = self._shelves.get(org)
-        visible = org if own is not None and len(own) else PUBLIC
+    def org_shelf(self, org: str) -> Shelf | None:
+        """The org's shelf if it is held (marking it recently used), else None: see ``load_org``."""
+        shelf = self._orgs.get(org)
+        if shelf is not None:
+            self._orgs.move_to_end(org)
+        return shelf
+
+    def list_images(self, org: str, own: Shelf, idc: str | None, product: str | None) -> Rendered:
+        """The images ``org`` may see (Public + ``own``), filtered, serialized; cached per revision."""
+        visible = org if len(own) else PUBLIC
         cache_key = (visible, idc, product)
         rendered = self._cache.get(cache_key)
         if rendered is None:
-            public = self._shelves[PUBLIC].select(idc, product)
+            public = self._public.select(idc, product)
             if visible == PUBLIC:
                 rendered = render(public)
             else:
-                assert own is not None
                 rendered = render(heapq.merge(public, own.select(idc, product), key=_sort_key))
-            if len(self._cache) >= self.cache_size:
-                if self.cache_size == 0:
-                    return rendered
-                del self._cache[next(iter(self._cache))]
-            self._cache[cache_key] = rendered
+            if self.cache_size:
+                if len(self._cache) >= self.cache_size:
+                    del self._cache[next(iter(self._cache))]
+                self._cache[cache_key] = rendered
         return rendered
 
     def get(self, image_id: uuid.UUID) -> Entry | None:
-        """The image with this id, visible or not: the caller's handler applies ``visibility``."""
+        """The image if it is held: every Public image, and the Customized images of held orgs."""
         return self._entries.get(image_id)
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def count_by_type(self) -> dict[str, int]:
-        public = len(self._shelves[PUBLIC])
-        return {ImageType.PUBLIC.value: public, ImageType.CUSTOMIZED.value: len(self._entries) - public}
+    def held(self) -> dict[str, int]:
+        """What is in memory now: images by type, and org shelves."""
+        return {
+            ImageType.PUBLIC.value: len(self._public),
+            ImageType.CUSTOMIZED.value: self._org_images,
+            "orgs": len(self._orgs),
+        }
+
+    # ----------------------------------------------------------------------------------- org shelves
+
+    async def load_org(self, org: str) -> Shelf:
+        """Hold the org's shelf, loading it from the database (once, however many requests ask)."""
+        shelf = self.org_shelf(org)
+        if shelf is not None:
+            return shelf
+        pending = self._loading.get(org)
+        if pending is None:
+            pending = self._loading[org] = asyncio.get_running_loop().create_future()
+            try:
+                namespace = await asyncio.wait_for(self.store.load_namespace(org), timeout=REFRESH_TIMEOUT)
+            except Exception as exc:
+                del self._loading[org]
+                pending.set_exception(Unavailable())
+                pending.exception()  # retrieved: waiters get it via await
+                log.warning("loading org %s failed: %s", org, exc.__class__.__name__)
+                raise Unavailable() from None
+            shelf = self._hold(org, namespace.images, namespace.revision)
+            del self._loading[org]
+            pending.set_result(shelf)
+            return shelf
+        return await asyncio.shield(pending)
+
+    def _hold(self, org: str, images: list[tuple[ImageResp, int]], revision: int) -> Shelf:
+        shelf = self._orgs.get(org)
+        if shelf is None:
+            shelf = self._orgs[org] = Shelf()
+        for image, image_revision in images:
+            self._upsert(image, image_revision)
+        if self._cursor is not None and revision < self._cursor:
+            # Changes between `revision` and the cursor may have been skipped while this org was not
+            # held; fetching them again is harmless (applying is idempotent) and closes the gap.
+            self._cursor = revision
+        self._evict(keep=org)
+        return shelf
+
+    def _evict(self, keep: str) -> None:
+        while (self._org_images > self.max_images or len(self._orgs) > self.max_orgs) and len(self._orgs) > 1:
+            org, shelf = next(iter(self._orgs.items()))
+            if org == keep:
+                self._orgs.move_to_end(org)
+                continue
+            del self._orgs[org]
+            for entry in shelf.all:
+                del self._entries[entry.id]
+            self._org_images -= len(shelf)
 
     # ---------------------------------------------------------------------------------- freshness
 
@@ -208,7 +293,11 @@ class Catalog:
                 return
             started = time.monotonic()
             try:
-                changes = await self.store.changes_since(self.revision)
+                if self._cursor is None:
+                    public = await self.store.load_namespace(PUBLIC)
+                    changes = Changes(revision=public.revision, upserted=public.images, deleted=[])
+                else:
+                    changes = await self.store.changes_since(self._cursor)
             except BaseException:
                 self.failed_at = time.monotonic()
                 raise
@@ -216,35 +305,48 @@ class Catalog:
             self.confirmed_at = started
 
     def apply(self, changes: Changes) -> None:
-        if changes.full:
-            self._entries.clear()
-            self._shelves = {PUBLIC: Shelf()}
-        if changes.revision == self.revision and not changes.full:
-            return
-        for image_id in changes.deleted:
-            self._discard(image_id)
-        for image in changes.upserted:
-            self._discard(image.id)
-            entry = make_entry(image)
-            self._entries[image.id] = entry
-            shelf = self._shelves.get(entry.namespace)
-            if shelf is None:
-                shelf = self._shelves[entry.namespace] = Shelf()
-            shelf.add(entry)
-        self.revision = changes.revision
-        self._cache = {}
+        """Apply changes to what is held (images of orgs not held are skipped: they load fresh)."""
+        for image_id, revision in changes.deleted:
+            entry = self._entries.get(image_id)
+            if entry is not None and entry.revision < revision:
+                self._discard(entry)
+        for image, revision in changes.upserted:
+            self._upsert(image, revision)
+        if changes.revision != self.revision or changes.upserted or changes.deleted:
+            self._cache = {}
+        self.revision = self._cursor = max(changes.revision, self.revision or 0)
+        self._evict(keep="")
 
-    def _discard(self, image_id: uuid.UUID) -> None:
-        entry = self._entries.pop(image_id, None)
-        if entry is None:
-            return
-        shelf = self._shelves[entry.namespace]
-        shelf.remove(entry)
-        if entry.namespace != PUBLIC and not len(shelf):
-            del self._shelves[entry.namespace]
+    def _upsert(self, image: ImageResp, revision: int) -> None:
+        current = self._entries.get(image.id)
+        if current is not None:
+            if current.revision >= revision:
+                return
+            self._discard(current)
+        if image.type is ImageType.PUBLIC:
+            shelf = self._public
+        else:
+            held = self._orgs.get(str(image.orgId))
+            if held is None:
+                return
+            shelf = held
+            self._org_images += 1
+        entry = make_entry(image, revision)
+        self._entries[entry.id] = entry
+        shelf.add(entry)
+
+    def _discard(self, entry: Entry) -> None:
+        del self._entries[entry.id]
+        if entry.namespace == PUBLIC:
+            self._public.remove(entry)
+        else:
+            self._orgs[entry.namespace].remove(entry)
+            self._org_images -= 1
+
+    # ------------------------------------------------------------------------------ background tasks
 
     async def poll_forever(self, interval: float) -> None:
-        """Background task: keep the read model fresh so requests never wait on the database."""
+        """Keep the read model fresh so requests never wait on the database."""
         failing = False
         while True:
             try:
@@ -261,7 +363,7 @@ class Catalog:
             await asyncio.sleep(interval)
 
     async def listen_forever(self) -> None:
-        """Background task (PostgreSQL): refresh as soon as any process commits a change."""
+        """PostgreSQL: refresh as soon as any process commits a change."""
         while True:
             try:
                 async for _revision in self.store.notifications():

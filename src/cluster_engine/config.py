@@ -72,6 +72,8 @@ class Settings:
     freshness_bound: float = 1.0
     poll_interval: float = 0.25
     response_cache_size: int = 4096
+    cache_images: int = 200_000
+    cache_orgs: int = 100_000
 
     @property
     def dev_secret_path(self) -> Path:
@@ -134,6 +136,19 @@ SETTINGS: tuple[Setting, ...] = (
         "response_cache_size",
         _int("CE_RESPONSE_CACHE_SIZE", 0, 10_000_000),
         "Serialized list responses kept per catalog revision.",
+    ),
+    Setting(
+        "CE_CACHE_IMAGES",
+        "cache_images",
+        _int("CE_CACHE_IMAGES", 0, 100_000_000),
+        "Customized images held in memory at most (least recently used orgs are dropped and reloaded "
+        "from the database on their next request); Public images are always held.",
+    ),
+    Setting(
+        "CE_CACHE_ORGS",
+        "cache_orgs",
+        _int("CE_CACHE_ORGS", 1, 100_000_000),
+        "Orgs (including those without Customized images) whose images are held in memory at most.",
     ),
 )
 

@@ -128,7 +128,10 @@ class ListImages(_ReadEndpoint):
         query = self._query(scope["query_string"])
         if not catalog.is_fresh():
             await catalog.ensure_fresh()
-        rendered = catalog.list(caller.org, query.idc, query.product)
+        own = catalog.org_shelf(caller.org)
+        if own is None:
+            own = await catalog.load_org(caller.org)
+        rendered = catalog.list_images(caller.org, own, query.idc, query.product)
         return self.rendered_answer(rendered, if_none_match)
 
 
@@ -141,8 +144,10 @@ class GetImage(_ReadEndpoint):
         image_id = validation.image_id(scope["path"][len(ITEM_PREFIX) :])
         if not catalog.is_fresh():
             await catalog.ensure_fresh()
+        if catalog.org_shelf(caller.org) is None:
+            await catalog.load_org(caller.org)  # every image the caller may see is now held
         entry = catalog.get(image_id)
-        if entry is None or not visibility.can_see(caller, entry.image.type, entry.image.orgId):
+        if entry is None or not visibility.can_see_namespace(caller, entry.namespace):
             raise NotFound(visibility.NOT_FOUND)
         return self.rendered_answer(Rendered.of(entry.json), if_none_match)
 

@@ -86,12 +86,23 @@ def _columns(spec: ImageCreateReq) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Changes:
-    """What changed after a given revision, up to and including ``revision``."""
+    """What changed after a given revision, up to and including ``revision``.
+
+    ``upserted`` holds images as they are now, each with the revision that last wrote it; ``deleted``
+    the ids deleted with the revision that deleted them. Applying them is idempotent.
+    """
 
     revision: int
-    upserted: list[ImageResp]
-    deleted: list[uuid.UUID]
-    full: bool = False  # True: ``upserted`` is the whole catalog, replace rather than apply
+    upserted: list[tuple[ImageResp, int]]
+    deleted: list[tuple[uuid.UUID, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """All images of one namespace (Public, or one org's Customized) as of at least ``revision``."""
+
+    revision: int
+    images: list[tuple[ImageResp, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,35 +164,44 @@ class Store:
             raise RuntimeError("catalog_state is empty: the database is not migrated")
         return int(value)
 
-    async def changes_since(self, since: int | None) -> Changes:
-        """Everything committed after revision ``since`` (the whole catalog when ``since`` is None)."""
+    @staticmethod
+    async def _current_revision(conn: AsyncConnection) -> int:
+        revision = await conn.scalar(sa.select(catalog_state.c.revision).where(catalog_state.c.id == 1))
+        if revision is None:
+            raise RuntimeError("catalog_state is empty: the database is not migrated")
+        return int(revision)
+
+    async def changes_since(self, since: int) -> Changes:
+        """Everything committed after revision ``since``, up to the current revision."""
         async with self.engine.connect() as conn:
-            revision = await conn.scalar(sa.select(catalog_state.c.revision).where(catalog_state.c.id == 1))
-            if revision is None:
-                raise RuntimeError("catalog_state is empty: the database is not migrated")
-            if since is not None and revision == since:
+            revision = await self._current_revision(conn)
+            if revision == since:
                 return Changes(revision=since, upserted=[], deleted=[])
-            query = sa.select(images).where(images.c.revision <= revision)
-            if since is not None:
-                query = query.where(images.c.revision > since)
-            rows = (await conn.execute(query)).all()
-            deleted: list[uuid.UUID] = []
-            if since is not None:
-                deleted = list(
-                    (
-                        await conn.scalars(
-                            sa.select(deleted_images.c.id).where(
-                                deleted_images.c.revision > since, deleted_images.c.revision <= revision
-                            )
-                        )
-                    ).all()
+            window = (since, revision)
+            rows = (
+                await conn.execute(
+                    sa.select(images).where(images.c.revision > window[0], images.c.revision <= window[1])
                 )
+            ).all()
+            deleted = (
+                await conn.execute(
+                    sa.select(deleted_images.c.id, deleted_images.c.revision).where(
+                        deleted_images.c.revision > window[0], deleted_images.c.revision <= window[1]
+                    )
+                )
+            ).all()
         return Changes(
-            revision=int(revision),
-            upserted=[image_from_row(r) for r in rows],
-            deleted=deleted,
-            full=since is None,
+            revision=revision,
+            upserted=[(image_from_row(r), int(r.revision)) for r in rows],
+            deleted=[(r.id, int(r.revision)) for r in deleted],
         )
+
+    async def load_namespace(self, namespace: str) -> Namespace:
+        """Every image of a namespace; rows written up to the returned revision are all included."""
+        async with self.engine.connect() as conn:
+            revision = await self._current_revision(conn)  # read first: later rows are only newer
+            rows = (await conn.execute(sa.select(images).where(images.c.namespace == namespace))).all()
+        return Namespace(revision=revision, images=[(image_from_row(r), int(r.revision)) for r in rows])
 
     async def count(self) -> int:
         async with self.engine.connect() as conn:

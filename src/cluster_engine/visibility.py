@@ -13,12 +13,18 @@ import uuid
 from .auth import SCOPE_ADMIN, SCOPE_WRITE, Principal
 from .errors import Forbidden, NotFound
 from .schemas import ImageType
+from .store import PUBLIC_NAMESPACE
 
 NOT_FOUND = "image not found"
 
 
 def can_see(caller: Principal, image_type: ImageType, owner: uuid.UUID) -> bool:
     return image_type is ImageType.PUBLIC or owner == caller.org_id
+
+
+def can_see_namespace(caller: Principal, namespace: str) -> bool:
+    """``can_see`` for the read model's representation: "public", or the owner org's id text."""
+    return namespace == PUBLIC_NAMESPACE or namespace == caller.org
 
 
 def can_manage(caller: Principal, image_type: ImageType, owner: uuid.UUID) -> bool:
