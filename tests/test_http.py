@@ -181,3 +181,41 @@ def test_writes_become_visible(
     assert "created 3" in output
     assert len(client.get("/v1/images").json()) == 3
     assert "unchanged 3" in server.import_catalog(demo_entries[:3])
+
+
+def test_pagination_walks_the_whole_list_in_order(demo_server: LiveServer, demo_org: uuid.UUID) -> None:
+    client = demo_server.client(demo_org)
+    everything = client.get("/v1/images").json()
+    for params in ({}, {"idc": "us-west-1"}, {"product": "gpu.h100.8x"}):
+        full = client.get("/v1/images", params=params).json()
+        seen: list[dict[str, Any]] = []
+        url: str | None = "/v1/images?" + httpx.QueryParams({**params, "limit": "4"}).__str__()
+        pages = 0
+        while url:
+            response = client.get(url)
+            assert response.status_code == 200
+            page = response.json()
+            assert 0 < len(page) <= 4
+            seen += page
+            pages += 1
+            url = response.links.get("next", {}).get("url")
+        assert seen == full
+        assert pages == -(-len(full) // 4)
+    assert len(everything) > 4
+
+
+def test_pagination_parameters_are_validated(demo_server: LiveServer, demo_org: uuid.UUID) -> None:
+    client = demo_server.client(demo_org)
+    for query in (
+        "limit=0",
+        "limit=1001",
+        "limit=abc",
+        "limit=" + "9" * 5000,
+        "cursor=not-a-cursor",
+        "limit=-1",
+    ):
+        response = client.get(f"/v1/images?{query}")
+        assert response.status_code == 400, query
+        assert response.json()["validationDetail"][0]["field"] in ("limit", "cursor")
+    last = client.get("/v1/images", params={"limit": "1000"})
+    assert "link" not in last.headers

@@ -24,6 +24,7 @@ import asyncio
 import bisect
 import hashlib
 import heapq
+import itertools
 import logging
 import sys
 import time
@@ -31,10 +32,12 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 from .errors import Unavailable
 from .schemas import ImageResp, ImageType, json_encoder
 from .store import Changes, Store
+from .validation import ListQuery, encode_cursor
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +136,11 @@ class Rendered:
     headers_304: list[tuple[bytes, bytes]]
 
     @classmethod
-    def of(cls, body: bytes) -> Rendered:
+    def of(cls, body: bytes, link: bytes | None = None) -> Rendered:
         etag = b'"' + hashlib.blake2b(body, digest_size=16).hexdigest().encode() + b'"'
         validators = [(b"etag", etag), (b"cache-control", b"private, max-age=0")]
+        if link is not None:
+            validators.append((b"link", link))
         return cls(
             body=body,
             etag=etag,
@@ -148,8 +153,14 @@ class Rendered:
         )
 
 
-def render(entries: Iterable[Entry]) -> Rendered:
-    return Rendered.of(b"[" + b",".join(entry.json for entry in entries) + b"]")
+def render(entries: Iterable[Entry], link: bytes | None = None) -> Rendered:
+    return Rendered.of(b"[" + b",".join(entry.json for entry in entries) + b"]", link)
+
+
+def next_link(query: ListQuery, last: SortKey) -> bytes:
+    params = {"idc": query.idc, "product": query.product, "limit": query.limit, "cursor": encode_cursor(last)}
+    target = "/v1/images?" + urlencode({k: v for k, v in params.items() if v is not None})
+    return f'<{target}>; rel="next"'.encode()
 
 
 class Catalog:
@@ -177,6 +188,7 @@ class Catalog:
         self._org_images = 0
         self._loading: dict[str, asyncio.Future[Shelf]] = {}
         self._cache: dict[tuple[str, str | None, str | None], Rendered] = {}
+        self._pages: dict[tuple[str, ListQuery], Rendered] = {}
         self._refresh_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------------------------ queries
@@ -203,6 +215,32 @@ class Catalog:
                 if len(self._cache) >= self.cache_size:
                     del self._cache[next(iter(self._cache))]
                 self._cache[cache_key] = rendered
+        return rendered
+
+    def page(self, org: str, own: Shelf, query: ListQuery) -> Rendered:
+        """One page of ``list_images``: up to ``query.limit`` images after ``query.after``, with a
+        ``Link: <…>; rel="next"`` header when more follow."""
+        visible = org if len(own) else PUBLIC
+        cache_key = (visible, query)
+        rendered = self._pages.get(cache_key)
+        if rendered is None:
+            sources = [self._public.select(query.idc, query.product)]
+            if visible != PUBLIC:
+                sources.append(own.select(query.idc, query.product))
+            if query.after is not None:
+                sources = [s[bisect.bisect_right(s, query.after, key=_sort_key) :] for s in sources]
+            merged = heapq.merge(*sources, key=_sort_key) if len(sources) > 1 else iter(sources[0])
+            limit = query.limit or len(self._entries) + 1
+            entries = list(itertools.islice(merged, limit + 1))
+            link = None
+            if len(entries) > limit:
+                del entries[limit:]
+                link = next_link(query, entries[-1].key)
+            rendered = render(entries, link)
+            if self.cache_size:
+                if len(self._pages) >= self.cache_size:
+                    del self._pages[next(iter(self._pages))]
+                self._pages[cache_key] = rendered
         return rendered
 
     def get(self, image_id: uuid.UUID) -> Entry | None:
@@ -314,6 +352,7 @@ class Catalog:
             self._upsert(image, revision)
         if changes.revision != self.revision or changes.upserted or changes.deleted:
             self._cache = {}
+            self._pages = {}
         self.revision = self._cursor = max(changes.revision, self.revision or 0)
         self._evict(keep="")
 

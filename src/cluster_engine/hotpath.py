@@ -31,6 +31,7 @@ ITEM_PREFIX = "/v1/images/"
 JSON = b"application/json"
 CACHE_CONTROL = b"private, max-age=0"
 _QUERY_CACHE_SIZE = 4096
+_LIST_PARAMETERS = frozenset(("idc", "product", "limit", "cursor"))
 
 
 def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
@@ -112,7 +113,7 @@ class ListImages(_ReadEndpoint):
         if query is None:
             params: dict[str, list[str]] = {}
             for name, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
-                if name == "idc" or name == "product":
+                if name in _LIST_PARAMETERS:
                     params.setdefault(name, []).append(value)
             query = validation.list_query(params)  # raises RequestInvalid: not cached
             if len(self._queries) >= _QUERY_CACHE_SIZE:
@@ -131,7 +132,10 @@ class ListImages(_ReadEndpoint):
         own = catalog.org_shelf(caller.org)
         if own is None:
             own = await catalog.load_org(caller.org)
-        rendered = catalog.list_images(caller.org, own, query.idc, query.product)
+        if query.limit is None and query.after is None:
+            rendered = catalog.list_images(caller.org, own, query.idc, query.product)
+        else:
+            rendered = catalog.page(caller.org, own, query)
         return self.rendered_answer(rendered, if_none_match)
 
 

@@ -8,6 +8,7 @@ trailing newline through.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import re
 import uuid
@@ -69,10 +70,74 @@ def _check_pattern(
 # ---------------------------------------------------------------------------------------------- queries
 
 
+LIMIT_MAX = 1000
+_CURSOR_KEY_RE = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}\|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ListQuery:
     idc: str | None
     product: str | None
+    limit: int | None = None  # opt-in pagination: at most this many images per page
+    after: tuple[str, str] | None = None  # the sort key (createdAt, id) the page starts after
+
+
+def encode_cursor(key: tuple[str, str]) -> str:
+    return base64.urlsafe_b64encode(f"{key[0]}|{key[1]}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(raw: str) -> tuple[str, str] | None:
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not _CURSOR_KEY_RE.fullmatch(text):
+        return None
+    created, image = text.split("|")
+    return created, image
+
+
+def _single(name: str, params: Mapping[str, list[str]], problems: list[ValidationDetail]) -> str | None:
+    given = params.get(name)
+    if not given:
+        return None
+    if len(given) > 1:
+        problems.append(detail(name, "single", "This parameter may be given at most once.", given))
+        return None
+    return given[0]
+
+
+def _page(
+    params: Mapping[str, list[str]], problems: list[ValidationDetail]
+) -> tuple[int | None, tuple[str, str] | None]:
+    limit: int | None = None
+    raw_limit = _single("limit", params, problems)
+    if raw_limit is not None:
+        if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 4) or not (
+            1 <= int(raw_limit) <= LIMIT_MAX
+        ):
+            problems.append(
+                detail(
+                    "limit",
+                    "range",
+                    f"Must be an integer from 1 to {LIMIT_MAX}.",
+                    raw_limit,
+                    f"1-{LIMIT_MAX}",
+                )
+            )
+        else:
+            limit = int(raw_limit)
+    after = None
+    raw_cursor = _single("cursor", params, problems)
+    if raw_cursor is not None:
+        after = _decode_cursor(raw_cursor)
+        if after is None:
+            problems.append(
+                detail("cursor", "cursor", "Must be a cursor from a previous page's Link header.", raw_cursor)
+            )
+    return limit, after
 
 
 def list_query(params: Mapping[str, list[str]]) -> ListQuery:
@@ -92,9 +157,10 @@ def list_query(params: Mapping[str, list[str]]) -> ListQuery:
             continue
         _check_pattern(name, given[0], regex, pattern, max_len, problems)
         values[name] = given[0]
+    limit, after = _page(params, problems)
     if problems:
         raise RequestInvalid(problems)
-    return ListQuery(idc=values["idc"], product=values["product"])
+    return ListQuery(idc=values["idc"], product=values["product"], limit=limit, after=after)
 
 
 def image_id(raw: str) -> uuid.UUID:
