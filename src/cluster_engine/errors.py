@@ -97,6 +97,10 @@ class Conflict(ApiError):
 class PayloadTooLarge(ApiError):
     status = 413
 
+    def headers(self) -> dict[str, str]:
+        # The rest of the body is never read, so this connection can't carry another request.
+        return {"Connection": "close"}
+
 
 class Unavailable(ApiError):
     status = 503

@@ -436,8 +436,8 @@ class Store:
         self, *, since: dt.datetime | None = None, image_id: uuid.UUID | None = None, limit: int = 1000
     ) -> list[dict[str, Any]]:
         query = sa.select(audit_log).order_by(audit_log.c.seq.desc()).limit(limit)
-        if since is not None:
-            query = query.where(audit_log.c.at >= since)
+        if since is not None:  # SQLite keeps naive UTC: compare in UTC on every backend
+            query = query.where(audit_log.c.at >= since.astimezone(dt.UTC))
         if image_id is not None:
             query = query.where(audit_log.c.image_id == image_id)
         async with self.engine.connect() as conn:
