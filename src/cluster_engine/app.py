@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
@@ -21,12 +22,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import images, openapi
+from . import db, images, openapi
 from .auth import Verifier
 from .catalog import Catalog
 from .config import Settings
 from .errors import INTERNAL_ERROR_BODY, ApiError, MethodNotAllowed, NotFound, Unavailable
 from .hotpath import GetImage, HotPath, ListImages
+from .observability import AccessLog, Metrics, Observability
 from .schemas import json_encoder
 from .store import Store
 
@@ -73,11 +75,18 @@ async def healthz(_request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready: the database answers, its schema is at our migration head, the read model is fresh."""
     catalog: Catalog = request.app.state.catalog
+    store: Store = request.app.state.store
     try:
         await catalog.ensure_fresh()
-    except Unavailable as exc:
-        return _error_response(exc)
+        schema = await asyncio.wait_for(store.schema_revision(), timeout=1.0)
+    except Exception:
+        return _error_response(Unavailable())
+    if schema != db.head_revision():
+        return _error_response(
+            Unavailable(f"database schema is at {schema}, this release needs {db.head_revision()}")
+        )
     body = {"status": "ready", "revision": catalog.revision, "images": len(catalog)}
     return Response(json_encoder.encode(body), media_type=JSON)
 
@@ -90,8 +99,29 @@ async def openapi_yaml(_request: Request) -> Response:
     return Response(openapi.document_yaml(), media_type="application/yaml")
 
 
-def create_app(settings: Settings) -> HotPath:
+async def metrics_endpoint(request: Request) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
+async def _report_state(catalog: Catalog, store: Store, metrics: Metrics) -> None:
+    """Keep the read-model and pool gauges current (each worker reports its own)."""
+    while True:
+        held = catalog.held()
+        for kind in ("Public", "Customized"):
+            metrics.catalog_images.labels(kind).set(held[kind])
+        metrics.catalog_revision.set(catalog.revision or 0)
+        metrics.catalog_age.set(max(0.0, time.monotonic() - catalog.confirmed_at) if catalog.revision else -1)
+        metrics.db_pool_checked_out.set(store.pool_in_use())
+        await asyncio.sleep(1.0)
+
+
+def create_app(settings: Settings) -> Observability:
     verifier = Verifier(settings)
+    metrics = Metrics()
+    verifier.on_failure = lambda failure: metrics.auth_failures.labels(failure.reason).inc()
+    access_log = AccessLog() if settings.access_log else None
     list_images, get_image = ListImages(), GetImage()
 
     @contextlib.asynccontextmanager
@@ -104,6 +134,7 @@ def create_app(settings: Settings) -> HotPath:
             max_images=settings.cache_images,
             max_orgs=settings.cache_orgs,
         )
+        catalog.on_refresh_failure = lambda: metrics.db_errors.labels("refresh").inc()
         app.state.store = store
         app.state.catalog = catalog
         list_images.bind(catalog, verifier)
@@ -112,9 +143,14 @@ def create_app(settings: Settings) -> HotPath:
             await catalog.refresh()
         except Exception as exc:  # serve 503s until the database answers; the poller keeps trying
             log.warning("initial catalog load failed: %s: %s", exc.__class__.__name__, exc)
-        tasks = [asyncio.create_task(catalog.poll_forever(settings.poll_interval), name="catalog-poller")]
+        tasks = [
+            asyncio.create_task(catalog.poll_forever(settings.poll_interval), name="catalog-poller"),
+            asyncio.create_task(_report_state(catalog, store, metrics), name="metrics-reporter"),
+        ]
         if store.is_postgres:
             tasks.append(asyncio.create_task(catalog.listen_forever(), name="catalog-listener"))
+        if access_log is not None:
+            tasks.append(asyncio.create_task(access_log.flush_forever(), name="access-log"))
         try:
             yield
         finally:
@@ -132,6 +168,7 @@ def create_app(settings: Settings) -> HotPath:
             Route("/v1/images/{id}", images.delete_image, methods=["DELETE"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
             Route("/openapi.yaml", openapi_yaml, methods=["GET"]),
         ],
@@ -145,4 +182,5 @@ def create_app(settings: Settings) -> HotPath:
     )
     app.state.settings = settings
     app.state.verifier = verifier
-    return HotPath(app, list_images, get_image)
+    app.state.metrics = metrics
+    return Observability(HotPath(app, list_images, get_image), metrics, access_log)

@@ -14,6 +14,7 @@ import os
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,9 +164,18 @@ class Verifier:
         self.leeway = settings.jwt_leeway
         self.cache_size = settings.token_cache_size
         self._cache: dict[bytes, tuple[Principal, float]] = {}
+        self.on_failure: Callable[[Unauthenticated], None] | None = None  # e.g. a metrics hook
 
     def authenticate(self, authorization: bytes | None) -> Principal:
         """Verify a raw ``Authorization`` header value; raise ``Unauthenticated`` for anything wrong."""
+        try:
+            return self._authenticate(authorization)
+        except Unauthenticated as failure:
+            if self.on_failure is not None:
+                self.on_failure(failure)
+            raise
+
+    def _authenticate(self, authorization: bytes | None) -> Principal:
         if not authorization:
             raise Unauthenticated(missing=True, detail="no Authorization header")
         cached = self._cache.get(authorization)

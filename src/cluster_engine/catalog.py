@@ -30,7 +30,7 @@ import sys
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
@@ -190,6 +190,7 @@ class Catalog:
         self._cache: dict[tuple[str, str | None, str | None], Rendered] = {}
         self._pages: dict[tuple[str, ListQuery], Rendered] = {}
         self._refresh_lock = asyncio.Lock()
+        self.on_refresh_failure: Callable[[], None] | None = None  # e.g. a metrics hook
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -338,6 +339,8 @@ class Catalog:
                     changes = await self.store.changes_since(self._cursor)
             except BaseException:
                 self.failed_at = time.monotonic()
+                if self.on_refresh_failure is not None:
+                    self.on_refresh_failure()
                 raise
             self.apply(changes)
             self.confirmed_at = started

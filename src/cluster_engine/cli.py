@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import uuid
 from importlib import metadata, resources
 from pathlib import Path
@@ -103,6 +104,9 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
     os.environ["CE_DATA_DIR"] = str(settings.data_dir)
     os.environ["CE_DATABASE_URL"] = settings.database_url
     os.environ["CE_LOG_LEVEL"] = log_level
+    # Workers share metrics through files in one fresh directory (prometheus_client's multiprocess mode).
+    metrics_dir = tempfile.TemporaryDirectory(prefix="cluster-engine-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
     shown_host = f"[{host}]" if ":" in host else host
     url = f"http://{shown_host}:{port}"
     lines = [
@@ -124,17 +128,18 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
         lines.append("  auth: tokens from your identity provider (public key / JWKS configured)")
     click.echo("\n".join(lines), err=False)
     sys.stdout.flush()
-    Granian(
-        "cluster_engine.cli:worker_app",
-        factory=True,
-        address=host,
-        port=port,
-        interface=Interfaces.ASGI,
-        loop=Loops.uvloop if _has_uvloop() else Loops.asyncio,
-        workers=workers,
-        log_level=LogLevels(log_level),
-        log_access=False,
-    ).serve()
+    with metrics_dir:
+        Granian(
+            "cluster_engine.cli:worker_app",
+            factory=True,
+            address=host,
+            port=port,
+            interface=Interfaces.ASGI,
+            loop=Loops.uvloop if _has_uvloop() else Loops.asyncio,
+            workers=workers,
+            log_level=LogLevels(log_level),
+            log_access=False,
+        ).serve()
 
 
 def _has_uvloop() -> bool:
@@ -355,3 +360,4 @@ async def _audit(
         return await store.audit_entries(since=since, image_id=image_id, limit=limit)
     finally:
         await store.close()
+

@@ -46,6 +46,18 @@ def _int(name: str, low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _bool(name: str) -> Callable[[str], bool]:
+    def parse(raw: str) -> bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+    return parse
+
+
 def _optional_str(raw: str) -> str | None:
     return raw or None
 
@@ -73,6 +85,7 @@ class Settings:
     poll_interval: float = 0.25
     response_cache_size: int = 4096
     cache_images: int = 200_000
+    access_log: bool = True
     cache_orgs: int = 100_000
 
     @property
@@ -143,6 +156,12 @@ SETTINGS: tuple[Setting, ...] = (
         _int("CE_CACHE_IMAGES", 0, 100_000_000),
         "Customized images held in memory at most (least recently used orgs are dropped and reloaded "
         "from the database on their next request); Public images are always held.",
+    ),
+    Setting(
+        "CE_ACCESS_LOG",
+        "access_log",
+        _bool("CE_ACCESS_LOG"),
+        "One log line per request (JSON, or text on a terminal) on stderr.",
     ),
     Setting(
         "CE_CACHE_ORGS",

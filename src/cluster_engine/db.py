@@ -6,6 +6,7 @@ every backend.
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,16 @@ def upgrade(url: str, revision: str = "head") -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     command.upgrade(alembic_config(url), revision)
+
+
+@functools.cache
+def head_revision() -> str:
+    """The migration this release's code expects (Alembic's head)."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head
 
 
 def downgrade(url: str, revision: str) -> None:

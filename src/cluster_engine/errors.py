@@ -62,6 +62,11 @@ class Unauthenticated(ApiError):
         self.missing = missing
         self.detail = detail  # for logs only
 
+    @property
+    def reason(self) -> str:
+        """A bounded label for metrics: missing, expired or invalid."""
+        return "missing" if self.missing else "expired" if self.expired else "invalid"
+
     def body(self) -> bytes:
         return json_encoder.encode(
             ErrorStatusMessage(code=1 if self.expired else 0, group="auth_verify", message=str(self))

@@ -20,6 +20,7 @@ from . import validation, visibility
 from .auth import Verifier
 from .catalog import Catalog, Rendered
 from .errors import INTERNAL_ERROR_BODY, ApiError, NotFound
+from .observability import ORG_KEY
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class ListImages(_ReadEndpoint):
         assert catalog is not None and verifier is not None
         authorization, if_none_match = request_headers(scope)
         caller = verifier.authenticate(authorization)
+        scope[ORG_KEY] = caller.org
         query = self._query(scope["query_string"])
         if not catalog.is_fresh():
             await catalog.ensure_fresh()
@@ -145,6 +147,7 @@ class GetImage(_ReadEndpoint):
         assert catalog is not None and verifier is not None
         authorization, if_none_match = request_headers(scope)
         caller = verifier.authenticate(authorization)
+        scope[ORG_KEY] = caller.org
         image_id = validation.image_id(scope["path"][len(ITEM_PREFIX) :])
         if not catalog.is_fresh():
             await catalog.ensure_fresh()

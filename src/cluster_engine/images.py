@@ -16,6 +16,7 @@ from . import validation, visibility
 from .auth import Principal, Verifier
 from .errors import PayloadTooLarge, RequestInvalid
 from .hotpath import request_headers
+from .observability import ORG_KEY
 from .schemas import ImageCreateReq, ImageResp, json_encoder
 from .store import Actor, Store
 
@@ -30,7 +31,9 @@ def etag_of(body: bytes) -> str:
 
 def principal(request: Request) -> Principal:
     verifier: Verifier = request.app.state.verifier
-    return verifier.authenticate(request_headers(request.scope)[0])
+    caller = verifier.authenticate(request_headers(request.scope)[0])
+    request.scope[ORG_KEY] = caller.org
+    return caller
 
 
 def actor(caller: Principal) -> Actor:

@@ -203,6 +203,16 @@ class Store:
             rows = (await conn.execute(sa.select(images).where(images.c.namespace == namespace))).all()
         return Namespace(revision=revision, images=[(image_from_row(r), int(r.revision)) for r in rows])
 
+    async def schema_revision(self) -> str | None:
+        """The migration the database is at (None before the first)."""
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(sa.text("SELECT version_num FROM alembic_version"))
+        return None if value is None else str(value)
+
+    def pool_in_use(self) -> int:
+        checkedout = getattr(self.engine.pool, "checkedout", None)
+        return int(checkedout()) if callable(checkedout) else 0
+
     async def count(self) -> int:
         async with self.engine.connect() as conn:
             return int(await conn.scalar(sa.select(sa.func.count()).select_from(images)) or 0)
