@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import db, images, openapi
+from . import db, docs_page, images, openapi
 from .auth import Verifier
 from .catalog import Catalog
 from .config import Settings
@@ -171,6 +171,7 @@ def create_app(settings: Settings) -> Observability:
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
             Route("/openapi.yaml", openapi_yaml, methods=["GET"]),
+            *docs_page.routes(),
         ],
         exception_handlers={
             ApiError: on_api_error,

@@ -87,6 +87,7 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
     """Run the API server."""
     from granian import Granian
     from granian.constants import Interfaces, Loops
+    from granian.http import HTTP1Settings
     from granian.log import LogLevels
 
     settings = _settings()
@@ -139,6 +140,10 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
             workers=workers,
             log_level=LogLevels(log_level),
             log_access=False,
+            http1_settings=HTTP1Settings(
+                header_read_timeout=int(settings.header_timeout * 1000),
+                max_buffer_size=settings.max_header_bytes,
+            ),
         ).serve()
 
 

@@ -85,6 +85,8 @@ class Settings:
     poll_interval: float = 0.25
     response_cache_size: int = 4096
     cache_images: int = 200_000
+    header_timeout: float = 10.0
+    max_header_bytes: int = 65_536
     access_log: bool = True
     cache_orgs: int = 100_000
 
@@ -156,6 +158,18 @@ SETTINGS: tuple[Setting, ...] = (
         _int("CE_CACHE_IMAGES", 0, 100_000_000),
         "Customized images held in memory at most (least recently used orgs are dropped and reloaded "
         "from the database on their next request); Public images are always held.",
+    ),
+    Setting(
+        "CE_HTTP_HEADER_TIMEOUT",
+        "header_timeout",
+        _float("CE_HTTP_HEADER_TIMEOUT", 1, 60),
+        "Seconds a client has to send a request's headers before its connection is closed.",
+    ),
+    Setting(
+        "CE_HTTP_MAX_HEADER_BYTES",
+        "max_header_bytes",
+        _int("CE_HTTP_MAX_HEADER_BYTES", 8192, 1_048_576),
+        "Largest request line plus headers accepted (bounds URL length too).",
     ),
     Setting(
         "CE_ACCESS_LOG",

@@ -53,8 +53,8 @@ def route_of(path: str) -> str:
         return "/v1/images/{id}"
     if path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/openapi.yaml", "/docs"):
         return path
-    if path.startswith("/docs/"):
-        return "/docs/{asset}"
+    if path.startswith("/docs/assets/"):
+        return "/docs/assets/{asset}"
     return "other"
 
 
