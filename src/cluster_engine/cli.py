@@ -253,7 +253,14 @@ def catalog() -> None:
 @click.argument("file", type=click.File("r", encoding="utf-8"))
 @click.option("--dry-run", is_flag=True, help="Report what would change; change nothing.")
 @click.option("--prune", is_flag=True, help="Also delete Public images that are not in FILE.")
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Report format.",
+)
 def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     """Create or update the images in FILE (YAML or JSON list) in one transaction; idempotent."""
     settings = _settings()
@@ -291,7 +298,14 @@ async def _import(settings: Settings, data: Any, dry_run: bool, prune: bool) -> 
 
 
 @catalog.command(name="export")
-@click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["yaml", "json"]),
+    default="yaml",
+    show_default=True,
+    help="File format written to stdout.",
+)
 @click.option(
     "--type",
     "image_type",
@@ -337,7 +351,14 @@ async def _export(settings: Settings) -> list[ImageResp]:
     show_default=True,
     help="The most recent changes to show at most.",
 )
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="A line per change, or JSON.",
+)
 def audit(since: dt.datetime | None, image_id: uuid.UUID | None, limit: int, output: str) -> None:
     """Show the audit trail: every create, update and delete, by whom, of which image, what changed."""
     settings = _settings()
