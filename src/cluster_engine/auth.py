@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from .config import ConfigError, Settings
 from .errors import Unauthenticated
+from .validation import parse_uuid
 
 log = logging.getLogger(__name__)
 
@@ -235,14 +236,9 @@ def _principal(claims: dict[str, Any]) -> Principal:
     org = claims.get("orgId")
     scope = claims.get("scope", "")
     subject = claims.get("sub")
-    if not isinstance(org, str) or len(org) != 36:
+    org_id = parse_uuid(org) if isinstance(org, str) else None
+    if org_id is None:
         raise Unauthenticated(detail="orgId claim missing or not a UUID")
-    try:
-        org_id = uuid.UUID(org)
-    except ValueError:
-        raise Unauthenticated(detail="orgId claim is not a UUID") from None
-    if str(org_id) != org.lower():  # uuid.UUID also takes braces and moved hyphens
-        raise Unauthenticated(detail="orgId claim is not a canonical UUID")
     if not isinstance(scope, str) or (subject is not None and not isinstance(subject, str)):
         raise Unauthenticated(detail="scope or sub claim malformed")
     return Principal(org_id=org_id, scopes=frozenset(scope.split()), subject=subject)

@@ -65,7 +65,8 @@ def _sort_key(entry: Entry) -> SortKey:
 def make_entry(image: ImageResp, revision: int) -> Entry:
     intern = sys.intern
     namespace = PUBLIC if image.type is ImageType.PUBLIC else intern(str(image.orgId))
-    created = image.createdAt.strftime("%Y-%m-%dT%H:%M:%S.%f")
+    # isoformat pads the year to four digits (strftime's %Y doesn't, so year 999 would sort last)
+    created = image.createdAt.replace(tzinfo=None).isoformat(timespec="microseconds")
     return Entry(
         id=image.id,
         json=json_encoder.encode(image),
@@ -182,6 +183,7 @@ class Catalog:
         self.confirmed_at = float("-inf")  # time.monotonic() when the revision was last confirmed
         self.failed_at = float("-inf")  # time.monotonic() of the last failed refresh
         self._cursor: int | None = None  # changes are fetched from here (may rewind below revision)
+        self._rewind: int | None = None  # lowest rewind asked for by org loads during a fetch
         self._entries: dict[uuid.UUID, Entry] = {}
         self._public = Shelf()
         self._orgs: OrderedDict[str, Shelf] = OrderedDict()
@@ -289,10 +291,13 @@ class Catalog:
             shelf = self._orgs[org] = Shelf()
         for image, image_revision in images:
             self._upsert(image, image_revision)
-        if self._cursor is not None and revision < self._cursor:
+        if self._cursor is None or revision < self._cursor:
             # Changes between `revision` and the cursor may have been skipped while this org was not
-            # held; fetching them again is harmless (applying is idempotent) and closes the gap.
-            self._cursor = revision
+            # held; fetching them again is harmless (applying is idempotent) and closes the gap. A fetch
+            # already under way must not move the cursor past this point when it lands: `_rewind`.
+            if self._cursor is not None:
+                self._cursor = revision
+            self._rewind = revision if self._rewind is None else min(self._rewind, revision)
         self._evict(keep=org)
         return shelf
 
@@ -331,6 +336,7 @@ class Catalog:
             if only_if_stale and self.is_fresh():  # another request refreshed while we waited
                 return
             started = time.monotonic()
+            self._rewind = None  # this fetch starts at the cursor: earlier rewinds are covered
             try:
                 if self._cursor is None:
                     public = await self.store.load_namespace(PUBLIC)
@@ -356,7 +362,9 @@ class Catalog:
         if changes.revision != self.revision or changes.upserted or changes.deleted:
             self._cache = {}
             self._pages = {}
-        self.revision = self._cursor = max(changes.revision, self.revision or 0)
+        self.revision = max(changes.revision, self.revision or 0)
+        self._cursor = changes.revision if self._rewind is None else min(changes.revision, self._rewind)
+        self._rewind = None
         self._evict(keep="")
 
     def _upsert(self, image: ImageResp, revision: int) -> None:

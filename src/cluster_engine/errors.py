@@ -102,9 +102,13 @@ class Conflict(ApiError):
 class PayloadTooLarge(ApiError):
     status = 413
 
+    def __init__(self, message: str, *, connection_reusable: bool = False) -> None:
+        super().__init__(message)
+        self.connection_reusable = connection_reusable
+
     def headers(self) -> dict[str, str]:
-        # The rest of the body is never read, so this connection can't carry another request.
-        return {"Connection": "close"}
+        # When the rest of the body was not read, this connection can't carry another request.
+        return {} if self.connection_reusable else {"Connection": "close"}
 
 
 class Unavailable(ApiError):

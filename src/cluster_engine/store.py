@@ -375,8 +375,9 @@ class Store:
                 inserts: list[dict[str, Any]] = []
                 updates: list[dict[str, Any]] = []
                 audit: list[tuple[str, uuid.UUID, dict[str, Any]]] = []
-                seen: set[uuid.UUID] = set()
-                for entry in entries:
+                claimed: dict[uuid.UUID, int] = {}  # existing image id → the entry that updates it
+                final = {(row.namespace, row.idc, row.name) for row in existing}  # identities after import
+                for index, entry in enumerate(entries):
                     namespace = namespace_of(entry.type, entry.spec.orgId)
                     row = (
                         by_id.get(entry.id)
@@ -397,7 +398,19 @@ class Store:
                         )
                         report.created.append(image_id)
                         continue
-                    seen.add(row.id)
+                    if row.id in claimed:
+                        raise RequestInvalid(
+                            [
+                                detail(
+                                    f"[{index}]",
+                                    "unique",
+                                    f"Refers to the same image as entry {claimed[row.id]}.",
+                                    str(row.id),
+                                )
+                            ],
+                            message="Invalid catalog file.",
+                        )
+                    claimed[row.id] = index
                     if entry.created_at is not None:
                         values["created_at"] = entry.created_at
                     current = row._mapping
@@ -408,21 +421,41 @@ class Store:
                     report.updated.append(row.id)
                 if prune:
                     report.deleted = [
-                        row.id for row in existing if row.namespace == PUBLIC_NAMESPACE and row.id not in seen
+                        row.id
+                        for row in existing
+                        if row.namespace == PUBLIC_NAMESPACE and row.id not in claimed
                     ]
-                if dry_run or not (inserts or updates or report.deleted):
+                if not (inserts or updates or report.deleted):
                     await conn.rollback()
                     return report
+                # Name uniqueness of the end state, checked here (writers are serialized by the revision
+                # bump above) so that a conflict names its entry; the unique constraint still backs it.
+                for row_id in [*report.deleted, *(u["b_id"] for u in updates)]:
+                    row = by_id[row_id]
+                    final.discard((row.namespace, row.idc, row.name))
+                for values in [*updates, *inserts]:
+                    identity = (values["namespace"], values["idc"], values["name"])
+                    if identity in final:
+                        raise Conflict(f"{values['idc']}/{values['name']}: {DUPLICATE}")
+                    final.add(identity)
+                if report.deleted:
+                    await self._delete(conn, revision, report.deleted)
+                if updates:  # move renamed images out of the way first, so names can be swapped in one file
+                    await conn.execute(
+                        images.update()
+                        .where(images.c.id == sa.bindparam("b_id"))
+                        .values(name=sa.bindparam("tmp")),
+                        [
+                            {"b_id": u["b_id"], "tmp": f"~{u['b_id']}"} for u in updates
+                        ],  # "~" is never in a name
+                    )
+                    await conn.execute(images.update().where(images.c.id == sa.bindparam("b_id")), updates)
                 if inserts:
                     await conn.execute(images.insert(), inserts)
-                if updates:
-                    await conn.execute(images.update().where(images.c.id == sa.bindparam("b_id")), updates)
                 await self._set_products(
                     conn, [(r["id"], r["supported_products"]) for r in inserts], fresh=True
                 )
                 await self._set_products(conn, [(r["b_id"], r["supported_products"]) for r in updates])
-                if report.deleted:
-                    await self._delete(conn, revision, report.deleted)
                 changed = [*report.created, *report.updated]
                 after = {}
                 for chunk in _chunks(changed, 500):
@@ -432,6 +465,9 @@ class Store:
                 audit += [("update", i, _diff(image_from_row(by_id[i]), after[i])) for i in report.updated]
                 audit += [("delete", i, _snapshot(image_from_row(by_id[i]))) for i in report.deleted]
                 await self._audit(conn, revision, actor, audit)
+                if dry_run:  # everything ran, constraints included; now undo it
+                    await conn.rollback()
+                    return report
                 report.revision = revision
         except IntegrityError:
             raise Conflict(DUPLICATE) from None

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -30,7 +31,8 @@ IDC_MAX, PRODUCT_MAX, NAME_MAX = 50, 256, 255
 _IDC_RE = re.compile(IDC_PATTERN[1:-1])
 _PRODUCT_RE = re.compile(PRODUCT_PATTERN[1:-1])
 _NAME_RE = re.compile(NAME_PATTERN[1:-1])
-_URI_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:[^\s\x00-\x1f\x7f]*")
+# RFC 3986 absolute URI: a scheme, then only unreserved, reserved and percent-encoded characters.
+_URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
 _ORIGINAL_VALUE_MAX = 256
 
 _MISSING: Any = object()
@@ -163,14 +165,39 @@ def list_query(params: Mapping[str, list[str]]) -> ListQuery:
     return ListQuery(idc=values["idc"], product=values["product"], limit=limit, after=after)
 
 
+def parse_uuid(raw: str) -> uuid.UUID | None:
+    """A UUID in its canonical 8-4-4-4-12 text form (either case); None for anything else, since
+    ``uuid.UUID`` alone also takes braces, URNs and hyphens in odd places."""
+    if len(raw) != 36:
+        return None
+    try:
+        value = uuid.UUID(raw)
+    except ValueError:
+        return None
+    return value if str(value) == raw.lower() else None
+
+
+def is_uri(value: str) -> bool:
+    """An absolute URI per RFC 3986; http(s) URIs need a host (RFC 9110 §4.2.1)."""
+    if not _URI_RE.fullmatch(value):
+        return False
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # an unbalanced IPv6 bracket
+        return False
+    if "#" in parts.fragment or any(
+        c in part for c in "[]" for part in (parts.path, parts.query, parts.fragment)
+    ):
+        return False  # one fragment; brackets only around an IP literal in the authority
+    return parts.scheme.lower() not in ("http", "https") or bool(parts.hostname)
+
+
 def image_id(raw: str) -> uuid.UUID:
     """Validate an image id from a path: a UUID in its canonical textual form (any case)."""
-    try:
-        if len(raw) != 36:
-            raise ValueError
-        return uuid.UUID(raw)
-    except ValueError:
-        raise RequestInvalid([detail("id", "uuid", "Must be a UUID.", raw)]) from None
+    value = parse_uuid(raw)
+    if value is None:
+        raise RequestInvalid([detail("id", "uuid", "Must be a UUID.", raw)])
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- bodies
@@ -234,13 +261,10 @@ class _Fields:
         value = self.string(name, required=required)
         if value is None:
             return None
-        try:
-            if len(value) != 36:
-                raise ValueError
-            return uuid.UUID(value)
-        except ValueError:
+        parsed = parse_uuid(value)
+        if parsed is None:
             self.out.append(detail(self.path(name), "uuid", "Must be a UUID.", value))
-            return None
+        return parsed
 
     def enum(
         self, name: str, choices: type[ImageBootMode] | type[ImageType], *, required: bool = True
@@ -257,7 +281,7 @@ class _Fields:
 
     def uri(self, name: str) -> str | None:
         value = self.string(name)
-        if value is not None and not _URI_SCHEME_RE.fullmatch(value):
+        if value is not None and not is_uri(value):
             self.out.append(detail(self.path(name), "uri", "Must be an absolute URI.", value))
             return None
         return value
