@@ -14,19 +14,19 @@ import tempfile
 import uuid
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import msgspec
 import yaml
 
-from . import db
-from .auth import SCOPE_ADMIN, SCOPE_WRITE, Verifier, mint_token, signing_secret
 from .config import ConfigError, Settings, load_settings
-from .errors import ApiError, RequestInvalid
-from .schemas import ImageResp
-from .store import ImportReport, Store
-from .validation import read_catalog_entries
+
+if TYPE_CHECKING:
+    from .schemas import ImageResp
+    from .store import ImportReport
+
+# The server stack (SQLAlchemy, JWT, the store) is imported inside the commands that use it, so that
+# client commands such as `cluster-engine images list` start quickly.
 
 log = logging.getLogger("cluster_engine")
 
@@ -89,6 +89,9 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
     from granian.constants import Interfaces, Loops
     from granian.http import HTTP1Settings
     from granian.log import LogLevels
+
+    from . import db
+    from .auth import Verifier, signing_secret
 
     settings = _settings()
     _configure_logging(log_level)
@@ -156,6 +159,9 @@ def _redact(url: str) -> str:
 
 
 async def _load_demo(settings: Settings) -> str:
+    from .store import Store
+    from .validation import read_catalog_entries
+
     store = Store.open(settings.database_url)
     try:
         if await store.count():
@@ -189,12 +195,14 @@ def _duration(value: str) -> int:
     "--scope",
     "scopes",
     multiple=True,
-    help=f"Scope to grant, repeatable or space-separated ({SCOPE_WRITE}, {SCOPE_ADMIN}).",
+    help="Scope to grant, repeatable or space-separated (images:write, images:admin).",
 )
 @click.option("--ttl", default="1h", show_default=True, help="Lifetime: seconds, or with s/m/h/d.")
 @click.option("--subject", default=None, help="The sub claim (who the token stands for).")
 def token(org: uuid.UUID, scopes: tuple[str, ...], ttl: str, subject: str | None) -> None:
     """Mint a bearer token signed with CE_JWT_SECRET (or the generated development secret)."""
+    from .auth import mint_token, signing_secret
+
     settings = _settings()
     secret = signing_secret(settings, create=True)
     if secret is None:
@@ -227,6 +235,8 @@ def db_group() -> None:
 @click.option("--revision", default="head", show_default=True)
 def upgrade(revision: str) -> None:
     """Apply migrations up to REVISION."""
+    from . import db
+
     settings = _settings()
     db.upgrade(settings.database_url, revision)
     click.echo(f"database at {revision}: {_redact(settings.database_url)}")
@@ -236,6 +246,8 @@ def upgrade(revision: str) -> None:
 @click.argument("revision")
 def downgrade(revision: str) -> None:
     """Revert migrations down to REVISION (``base`` removes every table)."""
+    from . import db
+
     settings = _settings()
     db.downgrade(settings.database_url, revision)
     click.echo(f"database at {revision}: {_redact(settings.database_url)}")
@@ -263,6 +275,9 @@ def catalog() -> None:
 )
 def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     """Create or update the images in FILE (YAML or JSON list) in one transaction; idempotent."""
+    from . import db
+    from .errors import ApiError, RequestInvalid
+
     settings = _settings()
     try:
         data = yaml.safe_load(file)
@@ -289,6 +304,9 @@ def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
 
 
 async def _import(settings: Settings, data: Any, dry_run: bool, prune: bool) -> ImportReport:
+    from .store import Store
+    from .validation import read_catalog_entries
+
     entries = read_catalog_entries(data)
     store = Store.open(settings.database_url, statement_timeout=None)
     try:
@@ -316,6 +334,8 @@ async def _import(settings: Settings, data: Any, dry_run: bool, prune: bool) -> 
 )
 def export(output: str, image_type: str) -> None:
     """Write the catalog as a catalog file (ids and createdAt kept, so it re-imports to the same state)."""
+    import msgspec
+
     settings = _settings()
     images = asyncio.run(_export(settings))
     entries = [msgspec.to_builtins(image) for image in images if image_type in ("all", image.type.value)]
@@ -326,6 +346,8 @@ def export(output: str, image_type: str) -> None:
 
 
 async def _export(settings: Settings) -> list[ImageResp]:
+    from .store import Store
+
     store = Store.open(settings.database_url, statement_timeout=None)
     try:
         return await store.export_catalog()
@@ -381,9 +403,15 @@ def audit(since: dt.datetime | None, image_id: uuid.UUID | None, limit: int, out
 async def _audit(
     settings: Settings, since: dt.datetime | None, image_id: uuid.UUID | None, limit: int
 ) -> list[dict[str, Any]]:
+    from .store import Store
+
     store = Store.open(settings.database_url)
     try:
         return await store.audit_entries(since=since, image_id=image_id, limit=limit)
     finally:
         await store.close()
 
+
+from .client_cli import images as _images_group  # noqa: E402
+
+main.add_command(_images_group)
