@@ -246,3 +246,14 @@ def test_oversized_request_headers_are_refused(demo_server: LiveServer, demo_org
     client = demo_server.client(demo_org)
     assert client.get("/v1/images", headers={"X-Big": "a" * 100_000}).status_code == 431
     assert client.get("/v1/images", params={"x": "a" * 20_000}).status_code == 200
+
+
+def test_idle_keep_alive_connections_are_closed(tmp_path: Path) -> None:
+    with LiveServer.start(tmp_path, env={"CE_HTTP_HEADER_TIMEOUT": "1"}) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert sock.recv(1000).startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            assert sock.recv(1000) == b""  # closed by the server, not by our 5 s timeout
+            assert time.monotonic() - started < 3
