@@ -113,9 +113,10 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-async def _report_state(catalog: Catalog, store: Store, metrics: Metrics) -> None:
-    """Keep the read-model and pool gauges current (each worker reports its own)."""
+async def _report_state(catalog: Catalog, store: Store, metrics: Metrics, middleware: Observability) -> None:
+    """Keep the read-model, pool and in-flight gauges current (each worker reports its own)."""
     while True:
+        metrics.in_flight.set(middleware.in_flight)
         held = catalog.held()
         for kind in ("Public", "Customized"):
             metrics.catalog_images.labels(kind).set(held[kind])
@@ -153,7 +154,7 @@ def create_app(settings: Settings) -> Observability:
             log.warning("initial catalog load failed: %s: %s", exc.__class__.__name__, exc)
         tasks = [
             asyncio.create_task(catalog.poll_forever(settings.poll_interval), name="catalog-poller"),
-            asyncio.create_task(_report_state(catalog, store, metrics), name="metrics-reporter"),
+            asyncio.create_task(_report_state(catalog, store, metrics, outermost), name="metrics-reporter"),
         ]
         if store.is_postgres:
             tasks.append(asyncio.create_task(catalog.listen_forever(), name="catalog-listener"))
@@ -192,4 +193,5 @@ def create_app(settings: Settings) -> Observability:
     app.state.settings = settings
     app.state.verifier = verifier
     app.state.metrics = metrics
-    return Observability(HotPath(app, list_images, get_image), metrics, access_log)
+    outermost = Observability(HotPath(app, list_images, get_image), metrics, access_log)
+    return outermost

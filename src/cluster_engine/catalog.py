@@ -191,6 +191,7 @@ class Catalog:
         self._loading: dict[str, asyncio.Future[Shelf]] = {}
         self._cache: dict[tuple[str, str | None, str | None], Rendered] = {}
         self._pages: dict[tuple[str, ListQuery], Rendered] = {}
+        self._items: dict[uuid.UUID, Rendered] = {}
         self._refresh_lock = asyncio.Lock()
         self.on_refresh_failure: Callable[[], None] | None = None  # e.g. a metrics hook
 
@@ -244,6 +245,17 @@ class Catalog:
                 if len(self._pages) >= self.cache_size:
                     del self._pages[next(iter(self._pages))]
                 self._pages[cache_key] = rendered
+        return rendered
+
+    def item(self, entry: Entry) -> Rendered:
+        """One image's answer (body, ETag, headers), built once per state of the image."""
+        rendered = self._items.get(entry.id)
+        if rendered is None or rendered.body is not entry.json:  # a new state of the image: rebuild
+            rendered = Rendered.of(entry.json)
+            if self.cache_size:
+                if len(self._items) >= self.cache_size * 16:
+                    del self._items[next(iter(self._items))]
+                self._items[entry.id] = rendered
         return rendered
 
     def get(self, image_id: uuid.UUID) -> Entry | None:

@@ -279,10 +279,7 @@ def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     from .errors import ApiError, RequestInvalid
 
     settings = _settings()
-    try:
-        data = yaml.safe_load(file)
-    except yaml.YAMLError as exc:
-        raise click.ClickException(f"{file.name}: not valid YAML or JSON: {exc}") from None
+    data = _read_catalog_file(file)
     if settings.database_url.startswith("sqlite"):
         db.upgrade(settings.database_url)
     try:
@@ -301,6 +298,23 @@ def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     else:
         prefix = "would be " if dry_run else ""
         click.echo(", ".join(f"{prefix}{key} {value}" for key, value in summary.items()))
+
+
+def _read_catalog_file(file: Any) -> Any:
+    """JSON through msgspec (fast: large catalogs are usually generated JSON), anything else as YAML."""
+    import msgspec
+
+    text = file.read()
+    if text.lstrip()[:1] in ("[", "{"):
+        try:
+            return msgspec.json.decode(text)
+        except msgspec.DecodeError:
+            pass  # YAML flow style can look like JSON; let the YAML parser judge it
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML was built with it
+    try:
+        return yaml.load(text, Loader=loader)  # a safe loader either way
+    except yaml.YAMLError as exc:
+        raise click.ClickException(f"{file.name}: not valid YAML or JSON: {exc}") from None
 
 
 async def _import(settings: Settings, data: Any, dry_run: bool, prune: bool) -> ImportReport:

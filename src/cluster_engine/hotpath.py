@@ -156,7 +156,7 @@ class GetImage(_ReadEndpoint):
         entry = catalog.get(image_id)
         if entry is None or not visibility.can_see_namespace(caller, entry.namespace):
             raise NotFound(visibility.NOT_FOUND)
-        return self.rendered_answer(Rendered.of(entry.json), if_none_match)
+        return self.rendered_answer(catalog.item(entry), if_none_match)
 
 
 class HotPath:

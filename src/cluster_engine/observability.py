@@ -84,7 +84,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
-        self.in_flight = gauge("ce_http_requests_in_flight", "HTTP requests being answered")
+        self.in_flight = gauge(
+            "ce_http_requests_in_flight", "HTTP requests being answered (sampled every second)"
+        )
         self.auth_failures = Counter(
             "ce_auth_failures", "Requests refused at authentication", ["reason"], registry=registry
         )
@@ -124,30 +126,64 @@ class Metrics:
 
 
 class AccessLog:
-    """Buffers one line per request and writes them in batches from a background task."""
+    """Keeps one entry per request and writes them as lines in batches from a background task.
+
+    Entries are kept raw and formatted at flush time, so a request only pays for appending a tuple.
+    """
 
     def __init__(self, stream: TextIO | None = None, *, json_lines: bool | None = None) -> None:
         self.stream = stream or sys.stderr
         self.json_lines = (not self.stream.isatty()) if json_lines is None else json_lines
-        self._lines: list[str] = []
+        self._entries: list[tuple[float, bytes, str, str, int, float, str | None]] = []
         self._encode = msgspec.json.Encoder().encode
+        self._second = -1
+        self._stamp = ""
 
-    def record(self, fields: dict[str, Any]) -> None:
-        if self.json_lines:
-            self._lines.append(self._encode(fields).decode())
-        else:
-            self._lines.append(
-                f"{fields['time']} {fields['status']} {fields['method']} {fields['path']} "
-                f"{fields['durationMs']:.1f}ms org={fields.get('orgId') or '-'} id={fields['requestId']}"
-            )
-        if len(self._lines) >= 1000:
+    def record(
+        self,
+        at: float,
+        request_id: bytes,
+        method: str,
+        path: str,
+        status: int,
+        seconds: float,
+        org: str | None,
+    ) -> None:
+        self._entries.append((at, request_id, method, path, status, seconds, org))
+        if len(self._entries) >= 5000:
             self.flush()
 
+    def _time(self, at: float) -> str:
+        second = int(at)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return self._stamp + f".{int((at - second) * 1000):03d}Z"
+
+    def _format(self, entry: tuple[float, bytes, str, str, int, float, str | None]) -> str:
+        at, request_id, method, path, status, seconds, org = entry
+        if self.json_lines:
+            return self._encode(
+                {
+                    "time": self._time(at),
+                    "requestId": request_id.decode(),
+                    "method": method,
+                    "path": path,
+                    "route": route_of(path),
+                    "status": status,
+                    "durationMs": round(seconds * 1000, 3),
+                    "orgId": org,
+                }
+            ).decode()
+        return (
+            f"{self._time(at)} {status} {method} {path} {seconds * 1000:.1f}ms org={org or '-'} "
+            f"id={request_id.decode()}"
+        )
+
     def flush(self) -> None:
-        if self._lines:
-            lines, self._lines = self._lines, []
+        if self._entries:
+            entries, self._entries = self._entries, []
             with contextlib.suppress(OSError, ValueError):
-                self.stream.write("\n".join(lines) + "\n")
+                self.stream.write("\n".join(map(self._format, entries)) + "\n")
                 self.stream.flush()
 
     async def flush_forever(self, interval: float = 0.2) -> None:
@@ -160,10 +196,11 @@ class AccessLog:
 
 
 class Observability:
-    """Outermost ASGI middleware: request id, in-flight gauge, metrics and the access log."""
+    """Outermost ASGI middleware: request id, in-flight count, metrics and the access log."""
 
     def __init__(self, app: Any, metrics: Metrics, access_log: AccessLog | None) -> None:
         self.app, self.metrics, self.access_log = app, metrics, access_log
+        self.in_flight = 0  # sampled into the in-flight gauge every second (a gauge write costs more)
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}-"
 
@@ -189,26 +226,15 @@ class Observability:
                 message["headers"] = [*message.get("headers", ()), (REQUEST_ID, request_id)]
             await send(message)
 
-        in_flight = self.metrics.in_flight
-        in_flight.inc()
+        self.in_flight += 1
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            in_flight.dec()
+            self.in_flight -= 1
             elapsed = time.perf_counter() - started
             path = scope["path"]
-            method = scope["method"]
-            self.metrics.observe(route_of(path), method, status, elapsed)
+            self.metrics.observe(route_of(path), scope["method"], status, elapsed)
             if self.access_log is not None:
                 self.access_log.record(
-                    {
-                        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
-                        "requestId": request_id.decode(),
-                        "method": method,
-                        "path": path,
-                        "route": route_of(path),
-                        "status": status,
-                        "durationMs": round(elapsed * 1000, 3),
-                        "orgId": scope.get(ORG_KEY),
-                    }
+                    time.time(), request_id, scope["method"], path, status, elapsed, scope.get(ORG_KEY)
                 )
