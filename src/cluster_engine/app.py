@@ -34,6 +34,7 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
+SHUTDOWN_TIMEOUT = 5.0
 
 
 def _error_response(error: ApiError) -> Response:
@@ -165,8 +166,12 @@ def create_app(settings: Settings) -> Observability:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await store.close()
+            try:  # bounded: a database that went away must not keep a stopping worker alive
+                async with asyncio.timeout(SHUTDOWN_TIMEOUT):
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    await store.close()
+            except TimeoutError:
+                log.warning("shutdown: gave up closing database connections after %ss", SHUTDOWN_TIMEOUT)
 
     app = Starlette(
         routes=[

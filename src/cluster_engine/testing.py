@@ -31,6 +31,15 @@ import yaml
 from .auth import mint_token
 
 
+def _die_with_parent() -> None:
+    """In the server process, before exec: on Linux, get SIGTERM when the test process dies, so a killed
+    test run leaves no server behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -78,6 +87,8 @@ class LiveServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: stop() can take the workers down too
+                preexec_fn=_die_with_parent,
             )
         shown = f"[{host}]" if ":" in host else host
         server = cls(
@@ -119,6 +130,8 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # any worker that outlived its server
         return self.process.returncode
 
     def __enter__(self) -> LiveServer:
