@@ -42,6 +42,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 REQUEST_ID = b"x-request-id"
 ORG_KEY = "cluster_engine.org"  # set in the ASGI scope by whoever authenticated the caller
 _REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+FLUSH_EVERY = 200  # access-log entries formatted and written at once (well under a millisecond)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -150,7 +151,7 @@ class AccessLog:
         org: str | None,
     ) -> None:
         self._entries.append((at, request_id, method, path, status, seconds, org))
-        if len(self._entries) >= 5000:
+        if len(self._entries) >= FLUSH_EVERY:  # small batches: a big one would stall the event loop
             self.flush()
 
     def _time(self, at: float) -> str:
@@ -186,7 +187,7 @@ class AccessLog:
                 self.stream.write("\n".join(map(self._format, entries)) + "\n")
                 self.stream.flush()
 
-    async def flush_forever(self, interval: float = 0.2) -> None:
+    async def flush_forever(self, interval: float = 0.05) -> None:
         try:
             while True:
                 await asyncio.sleep(interval)
