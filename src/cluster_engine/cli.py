@@ -12,9 +12,10 @@ import re
 import sys
 import tempfile
 import uuid
+from collections.abc import Awaitable, Callable
 from importlib import metadata, resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import yaml
@@ -22,8 +23,7 @@ import yaml
 from .config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
-    from .schemas import ImageResp
-    from .store import ImportReport
+    from .store import Store
 
 # The server stack (SQLAlchemy, JWT, the store) is imported inside the commands that use it, so that
 # client commands such as `cluster-engine images list` start quickly.
@@ -31,6 +31,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("cluster_engine")
 
 DEMO_ORG = uuid.UUID("0b7e2f52-4c1a-4d52-9a57-2f1c3c2d9e01")
+
+
+T = TypeVar("T")
+
+
+def _with_store(
+    settings: Settings, work: Callable[[Store], Awaitable[T]], *, statement_timeout: float | None = 5.0
+) -> T:
+    """Run ``work`` against a store opened for this one command, and close it."""
+    from .store import Store
+
+    async def run() -> T:
+        store = Store.open(settings.database_url, statement_timeout=statement_timeout)
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 def _settings() -> Settings:
@@ -103,7 +122,7 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
         Verifier(settings)  # fail now, not in every worker, when the key configuration is unusable
     except (ConfigError, OSError, ValueError) as exc:
         raise click.ClickException(f"JWT key configuration: {exc}") from None
-    loaded = asyncio.run(_load_demo(settings)) if demo else None
+    loaded = _with_store(settings, _load_demo) if demo else None
     # Workers rebuild Settings from the environment; pin what defaults resolved to here.
     os.environ["CE_DATA_DIR"] = str(settings.data_dir)
     os.environ["CE_DATABASE_URL"] = settings.database_url
@@ -158,18 +177,13 @@ def _redact(url: str) -> str:
     return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
 
 
-async def _load_demo(settings: Settings) -> str:
-    from .store import Store
+async def _load_demo(store: Store) -> str:
     from .validation import read_catalog_entries
 
-    store = Store.open(settings.database_url)
-    try:
-        if await store.count():
-            return "not loaded (the catalog already has images)"
-        report = await store.import_catalog(read_catalog_entries(demo_catalog()))
-        return f"{len(report.created)} images loaded"
-    finally:
-        await store.close()
+    if await store.count():
+        return "not loaded (the catalog already has images)"
+    report = await store.import_catalog(read_catalog_entries(demo_catalog()))
+    return f"{len(report.created)} images loaded"
 
 
 def demo_catalog() -> Any:
@@ -277,13 +291,19 @@ def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     """Create or update the images in FILE (YAML or JSON list) in one transaction; idempotent."""
     from . import db
     from .errors import ApiError, RequestInvalid
+    from .validation import read_catalog_entries
 
     settings = _settings()
     data = _read_catalog_file(file)
     if settings.database_url.startswith("sqlite"):
         db.upgrade(settings.database_url)
     try:
-        report = asyncio.run(_import(settings, data, dry_run, prune))
+        entries = read_catalog_entries(data)
+        report = _with_store(
+            settings,
+            lambda store: store.import_catalog(entries, dry_run=dry_run, prune=prune),
+            statement_timeout=None,
+        )
     except RequestInvalid as exc:
         for item in exc.details:
             click.echo(f"{file.name}: {item.field}: {item.reason} (got {item.originalValue!r})", err=True)
@@ -317,18 +337,6 @@ def _read_catalog_file(file: Any) -> Any:
         raise click.ClickException(f"{file.name}: not valid YAML or JSON: {exc}") from None
 
 
-async def _import(settings: Settings, data: Any, dry_run: bool, prune: bool) -> ImportReport:
-    from .store import Store
-    from .validation import read_catalog_entries
-
-    entries = read_catalog_entries(data)
-    store = Store.open(settings.database_url, statement_timeout=None)
-    try:
-        return await store.import_catalog(entries, dry_run=dry_run, prune=prune)
-    finally:
-        await store.close()
-
-
 @catalog.command(name="export")
 @click.option(
     "-o",
@@ -351,22 +359,12 @@ def export(output: str, image_type: str) -> None:
     import msgspec
 
     settings = _settings()
-    images = asyncio.run(_export(settings))
+    images = _with_store(settings, lambda store: store.export_catalog(), statement_timeout=None)
     entries = [msgspec.to_builtins(image) for image in images if image_type in ("all", image.type.value)]
     if output == "json":
         click.echo(json.dumps(entries, indent=2))
     else:
         click.echo(yaml.safe_dump(entries, sort_keys=False, allow_unicode=True), nl=False)
-
-
-async def _export(settings: Settings) -> list[ImageResp]:
-    from .store import Store
-
-    store = Store.open(settings.database_url, statement_timeout=None)
-    try:
-        return await store.export_catalog()
-    finally:
-        await store.close()
 
 
 # ----------------------------------------------------------------------------------------------- audit
@@ -400,7 +398,9 @@ def audit(since: dt.datetime | None, image_id: uuid.UUID | None, limit: int, out
     settings = _settings()
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=dt.UTC)
-    rows = asyncio.run(_audit(settings, since, image_id, limit))
+    rows = _with_store(
+        settings, lambda store: store.audit_entries(since=since, image_id=image_id, limit=limit)
+    )
     if output == "json":
         click.echo(json.dumps(rows, indent=2))
         return
@@ -412,18 +412,6 @@ def audit(since: dt.datetime | None, image_id: uuid.UUID | None, limit: int, out
             f"{row['at']}  r{row['revision']:<6} {row['action']:<7} {row['imageId']}  {org} {who}"
             + (f"  {fields}" if fields else "")
         )
-
-
-async def _audit(
-    settings: Settings, since: dt.datetime | None, image_id: uuid.UUID | None, limit: int
-) -> list[dict[str, Any]]:
-    from .store import Store
-
-    store = Store.open(settings.database_url)
-    try:
-        return await store.audit_entries(since=since, image_id=image_id, limit=limit)
-    finally:
-        await store.close()
 
 
 from .client_cli import images as _images_group  # noqa: E402
