@@ -12,8 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster_engine import observability
+from cluster_engine.observability import AccessLog, Metrics
 from cluster_engine.pgserver import PostgresServer
 from cluster_engine.testing import LiveServer
 
@@ -69,6 +72,11 @@ def test_metrics_count_requests_by_route_and_status(tmp_path: Path) -> None:
     assert found[("ce_auth_failures_total", (("reason", "missing"),))] == 1
     count = found[("ce_http_request_duration_seconds_count", (("method", "GET"), ("route", "/v1/images")))]
     assert count == 21
+    slowest = (
+        "ce_http_request_duration_seconds_bucket",
+        (("le", "+Inf"), ("method", "GET"), ("route", "/v1/images")),
+    )
+    assert found[slowest] == 21  # buckets are cumulative: every request is in +Inf
     revisions = [v for (name, _), v in found.items() if name == "ce_catalog_revision"]
     assert len(revisions) == 2 and all(v >= 1 for v in revisions)
     held = [
@@ -77,6 +85,79 @@ def test_metrics_count_requests_by_route_and_status(tmp_path: Path) -> None:
         if name == "ce_catalog_images_held" and ("type", "Public") in labels
     ]
     assert held and all(v == 22 for v in held)
+
+
+def test_batched_request_metrics_equal_one_observation_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests are tallied in the worker and flushed in batches: the exposition must be exactly what
+    one prometheus_client observation per request gives (bucket edges included). Multiprocess mode is
+    covered over HTTP by test_metrics_count_requests_by_route_and_status."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = Metrics()
+    assert metrics._batched, "prometheus_client's histogram internals changed: batching is off"
+    reference = CollectorRegistry()
+    requests = Counter("ce_http_requests", "", ["route", "method", "status"], registry=reference)
+    latency = Histogram(
+        "ce_http_request_duration_seconds",
+        "",
+        ["route", "method"],
+        buckets=observability._LATENCY_BUCKETS,
+        registry=reference,
+    )
+    latency.labels("/v1/images", "GET")
+    observations = [
+        ("/v1/images", 200, 0.0001),
+        ("/v1/images", 200, 0.0005),  # exactly on a bucket edge
+        ("/v1/images", 304, 0.0007),
+        ("/v1/images", 200, 0.003),
+        ("/v1/images/{id}", 404, 0.2),
+        ("/v1/images", 200, 7.5),  # beyond the last bound: +Inf only
+    ]
+    for route, status, seconds in observations:
+        metrics.observe(route, "GET", status, seconds)
+        requests.labels(route, "GET", str(status)).inc()
+        latency.labels(route, "GET").observe(seconds)
+
+    def ours() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        found = samples(metrics.exposition()[0].decode())
+        return {
+            k: v
+            for k, v in found.items()
+            if k[0].startswith(("ce_http_requests_total", "ce_http_request_duration"))
+            and not k[0].endswith("_created")
+        }
+
+    expected = samples(generate_latest(reference).decode())
+    expected = {k: v for k, v in expected.items() if not k[0].endswith("_created")}
+    assert ours() == expected  # exposition() flushes first
+    metrics.flush()  # nothing pending: flushing again changes nothing
+    assert ours() == expected
+
+
+def test_access_log_formats_json_and_text_lines() -> None:
+    import io
+
+    stream = io.StringIO()
+    log = AccessLog(stream, json_lines=True)
+    log.record(1_700_000_000.25, b"id-1", "GET", '/v1/images"x', "other", 200, 0.0012345, None)
+    log.record(1_700_000_001.5, b"id-2", "POST", "/v1/images", "/v1/images", 201, 0.01, "org-a")
+    log.flush()
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first == {
+        "time": "2023-11-14T22:13:20.250Z",
+        "requestId": "id-1",
+        "method": "GET",
+        "path": '/v1/images"x',
+        "route": "other",
+        "status": 200,
+        "durationMs": 1.234,
+        "orgId": None,
+    }
+    assert second["time"] == "2023-11-14T22:13:21.500Z" and second["orgId"] == "org-a"
+    text = io.StringIO()
+    readable = AccessLog(text, json_lines=False)
+    readable.record(1_700_000_000.25, b"id-1", "GET", "/v1/images", "/v1/images", 200, 0.0012, None)
+    readable.flush()
+    assert text.getvalue() == "2023-11-14T22:13:20.250Z 200 GET /v1/images 1.2ms org=- id=id-1\n"
 
 
 def test_access_log_is_one_json_line_per_request_without_the_token(tmp_path: Path) -> None:

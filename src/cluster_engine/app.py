@@ -28,7 +28,7 @@ from .catalog import Catalog
 from .config import Settings
 from .errors import INTERNAL_ERROR_BODY, ApiError, MethodNotAllowed, NotFound, Unavailable
 from .hotpath import GetImage, HotPath, ListImages
-from .observability import AccessLog, Metrics, Observability
+from .observability import AccessLog, Metrics, Observability, Observer
 from .schemas import json_encoder
 from .store import Store
 
@@ -114,10 +114,10 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-async def _report_state(catalog: Catalog, store: Store, metrics: Metrics, middleware: Observability) -> None:
+async def _report_state(catalog: Catalog, store: Store, metrics: Metrics, observer: Observer) -> None:
     """Keep the read-model, pool and in-flight gauges current (each worker reports its own)."""
     while True:
-        metrics.in_flight.set(middleware.in_flight)
+        metrics.in_flight.set(observer.in_flight)
         held = catalog.held()
         for kind in ("Public", "Customized"):
             metrics.catalog_images.labels(kind).set(held[kind])
@@ -127,11 +127,12 @@ async def _report_state(catalog: Catalog, store: Store, metrics: Metrics, middle
         await asyncio.sleep(1.0)
 
 
-def create_app(settings: Settings) -> Observability:
+def create_app(settings: Settings) -> HotPath:
     verifier = Verifier(settings)
     metrics = Metrics()
     verifier.on_failure = lambda failure: metrics.auth_failures.labels(failure.reason).inc()
     access_log = AccessLog() if settings.access_log else None
+    observer = Observer(metrics, access_log)
     list_images, get_image = ListImages(), GetImage()
 
     @contextlib.asynccontextmanager
@@ -155,8 +156,9 @@ def create_app(settings: Settings) -> Observability:
             log.warning("initial catalog load failed: %s: %s", exc.__class__.__name__, exc)
         tasks = [
             asyncio.create_task(catalog.poll_forever(settings.poll_interval), name="catalog-poller"),
-            asyncio.create_task(_report_state(catalog, store, metrics, outermost), name="metrics-reporter"),
+            asyncio.create_task(_report_state(catalog, store, metrics, observer), name="metrics-reporter"),
         ]
+        tasks.append(asyncio.create_task(metrics.flush_forever(), name="metrics-flusher"))
         if store.is_postgres:
             tasks.append(asyncio.create_task(catalog.listen_forever(), name="catalog-listener"))
         if access_log is not None:
@@ -198,5 +200,4 @@ def create_app(settings: Settings) -> Observability:
     app.state.settings = settings
     app.state.verifier = verifier
     app.state.metrics = metrics
-    outermost = Observability(HotPath(app, list_images, get_image), metrics, access_log)
-    return outermost
+    return HotPath(Observability(app, observer), list_images, get_image, observer)

@@ -1,17 +1,20 @@
 """The read path, as raw ASGI: ``GET /v1/images`` and ``GET /v1/images/{id}``.
 
 These two endpoints are most of the traffic, so they skip the framework's request/response objects and
-middleware: ``HotPath`` sits in front of the Starlette app and hands these requests straight to
-``ListImages`` / ``GetImage``; everything else (and HEAD) goes through Starlette, whose router mounts the
-same two endpoints, so there is one implementation either way. Per request the work is: find two
-headers, look the token up in the verified-token cache, look the query string up in a parsed-query cache,
-check freshness, look the serialized answer up in the catalog's response cache, send prebuilt headers.
+middleware: ``HotPath`` is the outermost app, answers these requests with ``ListImages`` / ``GetImage``
+and does their request-id, metrics and access-log bookkeeping inline (``Observer``); everything else
+(and HEAD) goes through ``Observability`` and Starlette, whose router mounts the same two endpoints, so
+there is one implementation either way. Per request the work is: one pass over the headers, look the
+token up in the verified-token cache, look the query string up in a parsed-query cache, check
+freshness, look the serialized answer up in the catalog's response cache, send prebuilt headers.
 Errors are the same ``ApiError`` contract bodies as everywhere else.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from collections.abc import MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -20,7 +23,7 @@ from . import validation, visibility
 from .auth import Verifier
 from .catalog import Catalog, Rendered
 from .errors import INTERNAL_ERROR_BODY, ApiError, NotFound
-from .observability import ORG_KEY
+from .observability import ORG_KEY, REQUEST_ID, Observer
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,7 @@ Headers = list[tuple[bytes, bytes]]
 
 LIST_PATH = "/v1/images"
 ITEM_PREFIX = "/v1/images/"
+ITEM_ROUTE = "/v1/images/{id}"
 JSON = b"application/json"
 CACHE_CONTROL = b"private, max-age=0"
 _QUERY_CACHE_SIZE = 4096
@@ -81,21 +85,29 @@ class _ReadEndpoint:
         self.catalog, self.verifier = catalog, verifier
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        head = scope["method"] == "HEAD"
+        """As an ASGI endpoint (mounted in Starlette's router: HEAD, and GET when not in front)."""
+        authorization, if_none_match = request_headers(scope)
+        status, headers, body = await self.answer_safely(scope, authorization, if_none_match)
+        await send_answer(send, status, headers, body, scope["method"] == "HEAD")
+
+    async def answer_safely(
+        self, scope: Scope, authorization: bytes | None, if_none_match: bytes | None
+    ) -> tuple[int, Headers, bytes]:
         try:
-            status, headers, body = await self.answer(scope)
+            return await self.answer(scope, authorization, if_none_match)
         except ApiError as error:
-            status, headers, body = error_answer(error)
+            return error_answer(error)
         except Exception:
             log.exception("unhandled error on %s", scope.get("path"))
-            status, headers, body = (
+            return (
                 500,
                 [(b"content-type", JSON), (b"content-length", str(len(INTERNAL_ERROR_BODY)).encode())],
                 INTERNAL_ERROR_BODY,
             )
-        await send_answer(send, status, headers, body, head)
 
-    async def answer(self, scope: Scope) -> tuple[int, Headers, bytes]:
+    async def answer(
+        self, scope: Scope, authorization: bytes | None, if_none_match: bytes | None
+    ) -> tuple[int, Headers, bytes]:
         raise NotImplementedError
 
     def rendered_answer(self, rendered: Rendered, if_none_match: bytes | None) -> tuple[int, Headers, bytes]:
@@ -122,10 +134,11 @@ class ListImages(_ReadEndpoint):
             self._queries[raw] = query
         return query
 
-    async def answer(self, scope: Scope) -> tuple[int, Headers, bytes]:
+    async def answer(
+        self, scope: Scope, authorization: bytes | None, if_none_match: bytes | None
+    ) -> tuple[int, Headers, bytes]:
         catalog, verifier = self.catalog, self.verifier
         assert catalog is not None and verifier is not None
-        authorization, if_none_match = request_headers(scope)
         caller = verifier.authenticate(authorization)
         scope[ORG_KEY] = caller.org
         query = self._query(scope["query_string"])
@@ -142,13 +155,27 @@ class ListImages(_ReadEndpoint):
 
 
 class GetImage(_ReadEndpoint):
-    async def answer(self, scope: Scope) -> tuple[int, Headers, bytes]:
+    def __init__(self) -> None:
+        super().__init__()
+        self._ids: dict[str, uuid.UUID] = {}  # path segment -> parsed id, for ids asked for again
+
+    def _image_id(self, raw: str) -> uuid.UUID:
+        image_id = self._ids.get(raw)
+        if image_id is None:
+            image_id = validation.image_id(raw)  # raises RequestInvalid: not cached
+            if len(self._ids) >= _QUERY_CACHE_SIZE:
+                self._ids.clear()
+            self._ids[raw] = image_id
+        return image_id
+
+    async def answer(
+        self, scope: Scope, authorization: bytes | None, if_none_match: bytes | None
+    ) -> tuple[int, Headers, bytes]:
         catalog, verifier = self.catalog, self.verifier
         assert catalog is not None and verifier is not None
-        authorization, if_none_match = request_headers(scope)
         caller = verifier.authenticate(authorization)
         scope[ORG_KEY] = caller.org
-        image_id = validation.image_id(scope["path"][len(ITEM_PREFIX) :])
+        image_id = self._image_id(scope["path"][len(ITEM_PREFIX) :])
         if not catalog.is_fresh():
             await catalog.ensure_fresh()
         if catalog.org_shelf(caller.org) is None:
@@ -160,18 +187,46 @@ class GetImage(_ReadEndpoint):
 
 
 class HotPath:
-    """ASGI app in front of Starlette that answers the two read endpoints directly."""
+    """The outermost ASGI app: answers the two read endpoints directly, passes the rest on to ``app``."""
 
-    def __init__(self, app: Any, list_images: ListImages, get_image: GetImage) -> None:
-        self.app, self.list_images, self.get_image = app, list_images, get_image
+    def __init__(self, app: Any, list_images: ListImages, get_image: GetImage, observer: Observer) -> None:
+        self.app, self.list_images, self.get_image, self.observer = app, list_images, get_image, observer
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
             path = scope["path"]
             if path == LIST_PATH:
-                return await self.list_images(scope, receive, send)
+                return await self._serve(self.list_images, LIST_PATH, scope, send)
             if path.startswith(ITEM_PREFIX):
                 rest = path[len(ITEM_PREFIX) :]
                 if rest and "/" not in rest:
-                    return await self.get_image(scope, receive, send)
+                    return await self._serve(self.get_image, ITEM_ROUTE, scope, send)
         await self.app(scope, receive, send)
+
+    async def _serve(self, endpoint: _ReadEndpoint, route: str, scope: Scope, send: Any) -> None:
+        observer = self.observer
+        started = time.perf_counter()
+        observer.in_flight += 1
+        authorization = if_none_match = supplied_id = None
+        for name, value in scope["headers"]:  # one pass for the three headers this path reads
+            if name == b"authorization":
+                authorization = value
+            elif name == b"if-none-match":
+                if_none_match = value
+            elif name == REQUEST_ID and supplied_id is None:
+                supplied_id = value
+        request_id = observer.request_id(supplied_id)
+        status = 500
+        try:
+            status, headers, body = await endpoint.answer_safely(scope, authorization, if_none_match)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [*headers, (REQUEST_ID, request_id)],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            observer.in_flight -= 1
+            observer.finish(scope, route, request_id, status, started)
