@@ -68,17 +68,20 @@ class PostgresServer:
     data_dir: Path
     port: int
     user: str | None  # the OS user to run as (None: the current user)
+    durable: bool = False  # True: PostgreSQL's own fsync/commit defaults (drills that kill the server)
     process: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def start(cls, *, bindir: Path | None = None, port: int | None = None) -> PostgresServer:
+    def start(
+        cls, *, bindir: Path | None = None, port: int | None = None, durable: bool = False
+    ) -> PostgresServer:
         bindir = bindir or find_bindir()
         data_dir = Path(tempfile.mkdtemp(prefix="ce-pg-"))
         user = "postgres" if os.geteuid() == 0 else None
         if user is not None:
             entry = pwd.getpwnam(user)
             os.chown(data_dir, entry.pw_uid, entry.pw_gid)
-        server = cls(bindir=bindir, data_dir=data_dir, port=port or _free_port(), user=user)
+        server = cls(bindir=bindir, data_dir=data_dir, port=port or _free_port(), user=user, durable=durable)
         server._run(
             [
                 str(bindir / "initdb"),
@@ -107,6 +110,10 @@ class PostgresServer:
         if result.returncode != 0:
             raise RuntimeError(f"{argv[0]} failed: {result.stdout}\n{result.stderr}")
 
+    # Throwaway test servers trade durability for speed; a crash drill must not (a killed server with
+    # synchronous_commit=off may lose commits it already acknowledged).
+    _FAST = ("-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off")
+
     @property
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
@@ -132,12 +139,7 @@ class PostgresServer:
                 "listen_addresses=127.0.0.1",
                 "-c",
                 "unix_socket_directories=",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
+                *(() if self.durable else self._FAST),
                 "-c",
                 "max_connections=200",
                 "-c",
