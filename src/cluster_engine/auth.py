@@ -91,11 +91,12 @@ class _JwkSet(_KeySource):
         else:
             try:
                 jwk_set = jwt.PyJWKSet.from_json(Path(location).read_text())
-            except jwt.PyJWKSetError as exc:
-                raise ConfigError(f"CE_JWT_JWKS holds no usable keys: {exc}") from None
+            except (jwt.PyJWKError, jwt.PyJWKSetError, NotImplementedError, ValueError) as exc:
+                raise ConfigError(f"CE_JWT_JWKS holds an unusable key: {exc}") from None
             for key in jwk_set.keys:
-                if key.key_type == "oct":
-                    raise ConfigError("CE_JWT_JWKS must hold public keys only (found a symmetric 'oct' key)")
+                problem = _unusable(key)
+                if problem:
+                    raise ConfigError(f"CE_JWT_JWKS must hold public signing keys only ({problem})")
                 self.keys[key.key_id] = key
             if not self.keys:
                 raise ConfigError("CE_JWT_JWKS holds no usable keys")
@@ -111,9 +112,21 @@ class _JwkSet(_KeySource):
                 raise jwt.InvalidTokenError("unknown kid")
             else:
                 jwk = self.keys[kid]
-        if jwk.key_type == "oct":
-            raise jwt.InvalidTokenError("symmetric keys are not accepted from a JWK Set")
+        problem = _unusable(jwk)
+        if problem:
+            raise jwt.InvalidTokenError(f"JWK Set key not accepted: {problem}")
         return jwk.key, [jwk.algorithm_name]
+
+
+def _unusable(jwk: jwt.PyJWK) -> str | None:
+    """Why a JWK Set entry may not verify tokens, or None: only public keys meant for signatures."""
+    if jwk.key_type == "oct":
+        return "found a symmetric 'oct' key"
+    if jwk.public_key_use not in (None, "sig"):
+        return f"key {jwk.key_id!r} is for use {jwk.public_key_use!r}, not 'sig'"
+    if hasattr(jwk.key, "private_bytes"):  # cryptography's private key classes (RSA, EC, OKP)
+        return f"key {jwk.key_id!r} holds private key material"
+    return None
 
 
 def read_dev_secret(path: Path, *, create: bool) -> str:
@@ -157,6 +170,12 @@ def _key_source(settings: Settings) -> _KeySource:
 # --------------------------------------------------------------------------------------- verifier
 
 
+# What the read path hands the verifier when a request carries several Authorization fields: one that no
+# real header can equal (HTTP field values cannot hold NUL). Authorization is a singleton field (RFC 9110
+# §11.6.2); with two, the one a proxy checked and the one we would use may differ, so neither counts.
+SEVERAL_AUTHORIZATIONS = b"\x00several"
+
+
 class Verifier:
     def __init__(self, settings: Settings) -> None:
         self.keys = _key_source(settings)
@@ -179,6 +198,8 @@ class Verifier:
     def _authenticate(self, authorization: bytes | None) -> Principal:
         if not authorization:
             raise Unauthenticated(missing=True, detail="no Authorization header")
+        if authorization is SEVERAL_AUTHORIZATIONS:
+            raise Unauthenticated(detail="several Authorization headers")
         cached = self._cache.get(authorization)
         if cached is not None:
             principal, expires = cached
@@ -195,7 +216,7 @@ class Verifier:
 
     def _verify_header(self, authorization: str) -> tuple[Principal, float]:
         scheme, _, token = authorization.partition(" ")
-        token = token.strip()
+        token = token.strip(" \t")  # HTTP whitespace only (not Latin-1's NBSP or NEL)
         if scheme.lower() != "bearer":  # RFC 6750 §3.1: no error code for another auth scheme
             raise Unauthenticated(missing=True, detail="not a bearer token")
         if not token:

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from . import validation, visibility
-from .auth import Verifier
+from .auth import SEVERAL_AUTHORIZATIONS, Verifier
 from .catalog import Catalog, Rendered
 from .errors import INTERNAL_ERROR_BODY, ApiError, NotFound
 from .observability import ORG_KEY, REQUEST_ID, Observer
@@ -68,7 +68,7 @@ def request_headers(scope: Scope) -> tuple[bytes | None, bytes | None]:
     authorization = if_none_match = None
     for name, value in scope["headers"]:
         if name == b"authorization":
-            authorization = value
+            authorization = value if authorization is None else SEVERAL_AUTHORIZATIONS
         elif name == b"if-none-match":
             if_none_match = value
     return authorization, if_none_match
@@ -210,7 +210,7 @@ class HotPath:
         authorization = if_none_match = supplied_id = None
         for name, value in scope["headers"]:  # one pass for the three headers this path reads
             if name == b"authorization":
-                authorization = value
+                authorization = value if authorization is None else SEVERAL_AUTHORIZATIONS
             elif name == b"if-none-match":
                 if_none_match = value
             elif name == REQUEST_ID and supplied_id is None:

@@ -74,7 +74,7 @@ async def read_json(request: Request) -> Any:
     body = b"".join(chunks)
     try:
         return msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # invalid UTF-8; nesting too deep
         text = body[:256].decode("utf-8", errors="replace")
         raise RequestInvalid(
             [validation.detail("body", "json", "The body must be a JSON document.", text)]

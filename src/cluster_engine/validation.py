@@ -351,6 +351,8 @@ def _products(fields: _Fields) -> list[str] | None:
         field = fields.path(f"supportedProducts[{index}]")
         if not isinstance(item, str):
             fields.out.append(detail(field, "type", "Must be a string.", item, "string"))
+        elif "\x00" in item:
+            fields.out.append(detail(field, "printable", "Must not contain NUL characters.", item))
         else:
             _check_pattern(field, item, _PRODUCT_RE, PRODUCT_PATTERN, PRODUCT_MAX, fields.out)
     # Duplicates carry no meaning for membership; keep the first occurrence of each, in order.
