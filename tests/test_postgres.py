@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import threading
 import time
@@ -21,7 +22,7 @@ from alembic.migration import MigrationContext
 from cluster_engine import db
 from cluster_engine.pgserver import PostgresServer
 from cluster_engine.store import Store
-from cluster_engine.testing import LiveServer
+from cluster_engine.testing import LiveServer, free_port
 from cluster_engine.validation import read_catalog_entries
 
 from .conftest import STORES, Databases
@@ -278,3 +279,24 @@ def test_cold_org_loads_use_an_index(store: str, databases: Databases, tmp_path:
     text = asyncio.run(plan())
     assert "uq_images_namespace_idc_name" in text or "autoindex_images" in text, text
     assert "SCAN images" not in text and "Seq Scan" not in text, text
+
+
+def test_libpq_multi_host_url_finds_the_live_host_and_listens(databases: Databases, tmp_path: Path) -> None:
+    """A failover pair's URL (libpq's ``h1:p1,h2:p2`` form, first host down): the service connects to the
+    live host for queries *and* for LISTEN. Polling is slowed to 30 s, so a write made elsewhere shows up
+    within a second only through a notification."""
+    url = sa.engine.make_url(databases.url("postgresql", tmp_path))
+    dead = free_port()
+    multi = (
+        f"postgresql://{url.username}@127.0.0.1:{dead},{url.host}:{url.port}/{url.database}"
+        "?target_session_attrs=read-write"
+    )
+    env = {"CE_POLL_INTERVAL": "30"}
+    with LiveServer.start(tmp_path, database_url=multi, args=["--migrate"], env=env) as server:
+        client = server.client(uuid.uuid4())
+        assert client.get("/v1/images").json() == []
+        server.cli("catalog", "import", "-", input=json.dumps([image_entry("us-west-1", "Listen-Test")]))
+        deadline = time.monotonic() + 3
+        while not client.get("/v1/images").json():
+            assert time.monotonic() < deadline, "the write was not noticed: LISTEN did not connect"
+            time.sleep(0.05)

@@ -110,7 +110,9 @@ SETTINGS: tuple[Setting, ...] = (
         "CE_DATABASE_URL",
         "database_url",
         str,
-        "sqlite:///PATH (embedded default: DATA_DIR/cluster-engine.db) or postgresql://…",
+        "sqlite:///PATH (embedded default: DATA_DIR/cluster-engine.db) or postgresql://…; for a failover "
+        "pair, libpq's multi-host form postgresql://USER@H1:P1,H2:P2/DB?target_session_attrs=read-write "
+        "(see deploy/ha/)",
     ),
     Setting("CE_JWT_SECRET", "jwt_secret", _optional_str, "Shared secret for HS256 tokens."),
     Setting(

@@ -10,6 +10,7 @@ import functools
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -92,9 +93,23 @@ audit_log = sa.Table(
 )
 
 
+def multi_host_url(url: str) -> str:
+    """libpq's multi-host form ``postgresql://user@h1:p1,h2:p2/db?…`` (what operators write for a failover
+    pair) in the form SQLAlchemy parses: ``postgresql://user@/db?host=h1:p1&host=h2:p2&…``. Other URLs
+    are returned unchanged."""
+    parts = urlsplit(url)
+    if not parts.scheme.startswith("postgres") or "," not in parts.netloc:
+        return url
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    query = [("host", host) for host in hosts.split(",") if host]
+    query += parse_qsl(parts.query, keep_blank_values=True)
+    netloc = f"{userinfo}@" if userinfo else ""
+    return f"{parts.scheme}://{netloc}{parts.path}?{urlencode(query, safe=':[]')}"
+
+
 def async_url(url: str) -> str:
     """Map the user-facing URL (sqlite:///…, postgresql://…) onto the async driver we ship."""
-    parsed = make_url(url)
+    parsed = make_url(multi_host_url(url))
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         return parsed.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
@@ -104,7 +119,7 @@ def async_url(url: str) -> str:
 
 
 def sqlite_path(url: str) -> Path | None:
-    parsed = make_url(url)
+    parsed = make_url(multi_host_url(url))
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return None
     return Path(parsed.database)

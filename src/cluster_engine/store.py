@@ -15,7 +15,6 @@ from typing import Any
 
 import msgspec
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -144,10 +143,12 @@ class Store:
         """PostgreSQL only: yield the payload (a revision) of every catalog change committed anywhere."""
         import psycopg
 
-        conninfo = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
-        async with await psycopg.AsyncConnection.connect(
-            conninfo, autocommit=True, connect_timeout=2
-        ) as conn:
+        # The engine's own connect arguments: the same hosts (several, for a failover pair, with their
+        # target_session_attrs), user and options as the pool's connections.
+        _, params = self.engine.dialect.create_connect_args(self.engine.url)
+        params.pop("context", None)
+        params["connect_timeout"] = 2
+        async with await psycopg.AsyncConnection.connect(autocommit=True, **params) as conn:
             await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
             async for notify in conn.notifies():
                 yield notify.payload
