@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -338,3 +340,35 @@ def test_idle_keep_alive_connections_are_closed(tmp_path: Path) -> None:
             started = time.monotonic()
             assert sock.recv(1000) == b""  # closed by the server, not by our 5 s timeout
             assert time.monotonic() - started < 3
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found |= {int(child) for child in (task / "children").read_text().split()}
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_a_killed_worker_is_replaced_and_its_metrics_forgotten(tmp_path: Path) -> None:
+    with LiveServer.start(tmp_path, args=["--demo", "--workers", "2"]) as server:
+        client = server.client(uuid.uuid4())
+        workers = _children(server.process.pid)
+        assert len(workers) == 2
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while True:
+            current = _children(server.process.pid)
+            if len(current) == 2 and victim not in current:
+                break
+            assert server.process.poll() is None, f"the server exited:\n{server.log()[-2000:]}"
+            assert time.monotonic() < deadline, f"no replacement worker:\n{server.log()[-2000:]}"
+            time.sleep(0.1)
+        server._wait_ready(15)
+        assert all(client.get("/v1/images").status_code == 200 for _ in range(20))
+        time.sleep(1.2)  # gauges are sampled every second
+        found = samples(httpx.get(f"{server.url}/metrics").text)
+    revisions = [v for (name, _), v in found.items() if name == "ce_catalog_revision"]
+    assert len(revisions) == 2, "the killed worker's live gauges should be gone"

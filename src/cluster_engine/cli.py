@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import uuid
@@ -128,7 +129,8 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
     os.environ["CE_DATABASE_URL"] = settings.database_url
     os.environ["CE_LOG_LEVEL"] = log_level
     # Workers share metrics through files in one fresh directory (prometheus_client's multiprocess mode).
-    metrics_dir = tempfile.TemporaryDirectory(prefix="cluster-engine-metrics-")
+    _remove_stale_metrics_dirs()
+    metrics_dir = tempfile.TemporaryDirectory(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
     shown_host = f"[{host}]" if ":" in host else host
     url = f"http://{shown_host}:{port}"
@@ -160,6 +162,7 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
             interface=Interfaces.ASGI,
             loop=Loops.uvloop if _has_uvloop() else Loops.asyncio,
             workers=workers,
+            respawn_failed_workers=True,  # a worker that dies (OOM kill, crash) is replaced
             log_level=LogLevels(log_level),
             log_access=False,
             http1_settings=HTTP1Settings(
@@ -167,6 +170,22 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
                 max_buffer_size=settings.max_header_bytes,
             ),
         ).serve()
+
+
+METRICS_DIR_PREFIX = "cluster-engine-metrics-"
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """Remove the metrics directories of servers that were killed before they could clean up (named
+    after the server's pid; one whose pid is alive, ours or not, is left alone)."""
+    # not from .observability: importing prometheus_client before PROMETHEUS_MULTIPROC_DIR is set would
+    # put the workers (forked from this process) in single-process mode
+    from .pids import pid_alive
+
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = path.name[len(METRICS_DIR_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and path.is_dir() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _has_uvloop() -> bool:

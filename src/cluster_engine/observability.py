@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import itertools
 import logging
 import os
@@ -35,6 +36,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as prometheus_multiprocess
+
+from .pids import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,31 @@ def route_of(path: str) -> str:
     return "other"
 
 
+class _MultiProcessCollector(prometheus_multiprocess.MultiProcessCollector):
+    """prometheus_client's collector, skipping a file another worker has created but not yet sized
+    (reading it would fail the whole scrape: prometheus/client_python#1199)."""
+
+    def collect(self) -> Any:
+        files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if _sized(f)]
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+
+
+def _sized(path: str) -> bool:
+    try:
+        return os.path.getsize(path) >= 8  # a used-size header of 4 bytes, then padding
+    except OSError:
+        return False  # removed since the glob
+
+
+def _forget_dead_workers(directory: str) -> None:
+    """Drop the live gauges of workers that died without saying so (killed, then respawned), so that
+    "live" sums count only workers that exist."""
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        pid = path.rsplit("_", 1)[-1][: -len(".db")]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            prometheus_multiprocess.mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]
+
+
 class _Pending:
     """Requests of one (route, method, status) seen since the last flush: count, latency sum, buckets."""
 
@@ -81,10 +109,13 @@ class Metrics:
 
     def __init__(self) -> None:
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
-        self.registry = CollectorRegistry(auto_describe=True)
+        # auto_describe would read every worker's files at registration, racing workers that are
+        # creating theirs (prometheus/client_python#1199)
+        self.registry = CollectorRegistry(auto_describe=not self.multiprocess)
         registry = None if self.multiprocess else self.registry
         if self.multiprocess:
-            prometheus_multiprocess.MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
+            _forget_dead_workers(os.environ[MULTIPROC_ENV])
+            _MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
 
         def gauge(
             name: str, documentation: str, labels: tuple[str, ...] = (), mode: str = "livesum"
