@@ -231,6 +231,10 @@ class Store:
         revision = int(result.scalar_one())
         if self.is_postgres:  # delivered to listeners when (and only if) the transaction commits
             await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, str(revision))))
+            # statement_timeout also covers COMMIT's wait for a synchronous standby, and cancelling that
+            # wait commits locally with only a WARNING: we would acknowledge a write the standby may not
+            # have. This transaction's COMMIT waits for the standby (or for the HA manager to drop it).
+            await conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
         return revision
 
     @staticmethod
