@@ -38,6 +38,8 @@ from typing import Any
 
 import httpx
 
+from cluster_engine.pids import descendants
+
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -308,23 +310,6 @@ class Process:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
             return
-
-
-def descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            tids = os.listdir(f"/proc/{current}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            with contextlib.suppress(OSError):
-                for child in Path(f"/proc/{current}/task/{tid}/children").read_text().split():
-                    found.append(int(child))
-                    stack.append(int(child))
-    return found
 
 
 def rss_kib(pid: int) -> int | None:

@@ -25,6 +25,7 @@ import sqlalchemy as sa
 
 from cluster_engine.auth import mint_token
 from cluster_engine.db import audit_log, image_products, images
+from cluster_engine.pids import descendants
 from cluster_engine.store import Store
 from cluster_engine.testing import LiveServer
 
@@ -407,17 +408,7 @@ def check_answers(outcomes: Iterable[Outcome], report: Report, label: str = "") 
 
 def worker_pids(server: LiveServer) -> list[int]:
     """The server's worker processes (granian's children, not the supervisor)."""
-    found: list[int] = []
-    stack = [server.process.pid]
-    while stack:
-        current = stack.pop()
-        with contextlib.suppress(OSError):
-            for tid in os.listdir(f"/proc/{current}/task"):
-                with contextlib.suppress(OSError):
-                    for child in Path(f"/proc/{current}/task/{tid}/children").read_text().split():
-                        found.append(int(child))
-                        stack.append(int(child))
-    return found
+    return descendants(server.process.pid)
 
 
 def rss_mib(pid: int) -> float | None:

@@ -38,6 +38,7 @@ import psycopg
 import yaml
 
 from cluster_engine.pgserver import find_bindir
+from cluster_engine.pids import descendants
 from cluster_engine.testing import LiveServer, free_port
 
 from .common import (
@@ -129,20 +130,6 @@ def ensure_installed() -> str:
 
 
 # ----------------------------------------------------------------------------------------- processes
-
-
-def _descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        with contextlib.suppress(OSError):
-            for tid in os.listdir(f"/proc/{current}/task"):
-                with contextlib.suppress(OSError, ValueError):
-                    for child in Path(f"/proc/{current}/task/{tid}/children").read_text().split():
-                        found.append(int(child))
-                        stack.append(int(child))
-    return found
 
 
 def _kill_all(pids: list[int]) -> None:
@@ -313,10 +300,10 @@ class Node:
         """The machine dies: Patroni, the postmaster and every backend get SIGKILL at once."""
         pids: list[int] = []
         if self.process is not None and self.process.poll() is None:
-            pids += [self.process.pid, *_descendants(self.process.pid)]
+            pids += [self.process.pid, *descendants(self.process.pid)]
         postmaster = self.postmaster_pid()
         if postmaster is not None and Path(f"/proc/{postmaster}").exists():
-            pids += [postmaster, *_descendants(postmaster)]
+            pids += [postmaster, *descendants(postmaster)]
         _kill_all(pids)
         self.killed_at = time.monotonic()
         if self.process is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster_engine import observability
 from cluster_engine.observability import AccessLog, Metrics
 from cluster_engine.pgserver import PostgresServer
+from cluster_engine.pids import children
 from cluster_engine.testing import LiveServer
 
 
@@ -342,25 +342,17 @@ def test_idle_keep_alive_connections_are_closed(tmp_path: Path) -> None:
             assert time.monotonic() - started < 3
 
 
-def _children(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            found |= {int(child) for child in (task / "children").read_text().split()}
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_a_killed_worker_is_replaced_and_its_metrics_forgotten(tmp_path: Path) -> None:
     with LiveServer.start(tmp_path, args=["--demo", "--workers", "2"]) as server:
         client = server.client(uuid.uuid4())
-        workers = _children(server.process.pid)
+        workers = set(children(server.process.pid))
         assert len(workers) == 2
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 15
         while True:
-            current = _children(server.process.pid)
+            current = set(children(server.process.pid))
             if len(current) == 2 and victim not in current:
                 break
             assert server.process.poll() is None, f"the server exited:\n{server.log()[-2000:]}"

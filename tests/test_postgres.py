@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import statistics
 import threading
 import time
@@ -300,3 +303,47 @@ def test_libpq_multi_host_url_finds_the_live_host_and_listens(databases: Databas
         while not client.get("/v1/images").json():
             assert time.monotonic() < deadline, "the write was not noticed: LISTEN did not connect"
             time.sleep(0.05)
+
+
+def test_a_write_to_a_frozen_database_is_a_503_at_the_deadline(
+    private_postgres: PostgresServer, tmp_path: Path, demo_org: uuid.UUID
+) -> None:
+    """SIGSTOP of every PostgreSQL process (a frozen host: TCP still up, nothing answers, and the
+    server-side statement_timeout cannot fire): a write answers 503 by WRITE_DEADLINE instead of hanging
+    for as long as the freeze lasts, and a list answers 503 within the refresh deadline."""
+    from cluster_engine.images import WRITE_DEADLINE
+    from cluster_engine.pids import descendants
+
+    url = private_postgres.create_database()
+    with LiveServer.start(tmp_path, database_url=url, args=["--migrate", "--demo"]) as server:
+        writer = httpx.Client(
+            base_url=server.url,
+            headers={"Authorization": f"Bearer {server.token(demo_org, scopes=['images:write'])}"},
+            timeout=30,
+        )
+        body = {**image_entry("us-west-1", "Frozen-Write"), "orgId": str(demo_org)}
+        assert writer.post("/v1/images", json={**body, "name": "Before-Freeze"}).status_code == 201
+        postmaster = private_postgres.postmaster_pid()
+        os.kill(postmaster, signal.SIGSTOP)
+        frozen = descendants(postmaster)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(1.2)  # past the freshness bound
+            began = time.monotonic()
+            listed = writer.get("/v1/images")
+            list_seconds = time.monotonic() - began
+            began = time.monotonic()
+            written = writer.post("/v1/images", json=body)
+            write_seconds = time.monotonic() - began
+        finally:
+            for pid in [*frozen, postmaster]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        writer.close()
+    assert listed.status_code == 503 and listed.json() == {"reason": "database is unavailable"}
+    assert list_seconds < 2.0
+    assert written.status_code == 503 and written.json() == {"reason": "database is unavailable"}
+    assert written.headers["retry-after"]
+    # at the deadline, or sooner when the write needed a new connection (connect_timeout: 2 s)
+    assert write_seconds < WRITE_DEADLINE + 2.0

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
+from .deadline import within
 from .errors import Unavailable
 from .schemas import ImageResp, ImageType, json_encoder
 from .store import Changes, Store
@@ -193,6 +194,7 @@ class Catalog:
         self._pages: dict[tuple[str, ListQuery], Rendered] = {}
         self._items: dict[uuid.UUID, Rendered] = {}
         self._refresh_lock = asyncio.Lock()
+        self._refresh_task: asyncio.Task[None] | None = None
         self.on_refresh_failure: Callable[[], None] | None = None  # e.g. a metrics hook
 
     # ------------------------------------------------------------------------------------ queries
@@ -284,7 +286,7 @@ class Catalog:
         if pending is None:
             pending = self._loading[org] = asyncio.get_running_loop().create_future()
             try:
-                namespace = await asyncio.wait_for(self.store.load_namespace(org), timeout=REFRESH_TIMEOUT)
+                namespace = await within(self.store.load_namespace(org), REFRESH_TIMEOUT)
             except Exception as exc:
                 del self._loading[org]
                 pending.set_exception(Unavailable())
@@ -337,10 +339,20 @@ class Catalog:
         if now - self.failed_at < RETRY_AFTER_FAILURE:
             raise Unavailable()  # the database failed a moment ago: answer at once, don't queue
         try:
-            await asyncio.wait_for(self.refresh(only_if_stale=True), timeout=REFRESH_TIMEOUT)
+            await within(self._refreshing(only_if_stale=True), REFRESH_TIMEOUT)
         except Exception as exc:  # any failure to confirm freshness: never serve unbounded-stale data
+            if isinstance(exc, TimeoutError):  # the refresh goes on; meanwhile answer at once
+                self.failed_at = time.monotonic()
             log.warning("catalog refresh failed: %s", exc.__class__.__name__)
             raise Unavailable() from None
+
+    def _refreshing(self, *, only_if_stale: bool = False) -> asyncio.Task[None]:
+        """The refresh in progress, or a new one: requests and the poller wait for the same one, and
+        a refresh that outlives their deadlines is never cancelled (see deadline.py)."""
+        task = self._refresh_task
+        if task is None or task.done():
+            task = self._refresh_task = asyncio.create_task(self.refresh(only_if_stale=only_if_stale))
+        return task
 
     async def refresh(self, *, only_if_stale: bool = False) -> None:
         """Bring the read model up to the database's current revision (one refresh at a time)."""
@@ -412,7 +424,7 @@ class Catalog:
         failing = False
         while True:
             try:
-                await asyncio.wait_for(self.refresh(), timeout=REFRESH_TIMEOUT * 2)
+                await within(self._refreshing(), REFRESH_TIMEOUT * 2)
                 if failing:
                     log.info("catalog refresh recovered at revision %s", self.revision)
                 failing = False

@@ -153,6 +153,13 @@ def create_engine(url: str, *, statement_timeout: float | None = 5.0) -> AsyncEn
         connect_args={
             "connect_timeout": 2,
             "options": f"-c statement_timeout={int((statement_timeout or 0) * 1000)}",
+            # a peer that vanished (host down, network partition) is noticed in seconds, not after TCP's
+            # default ~15 minutes of retransmissions
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 10_000,
         },
     )
 

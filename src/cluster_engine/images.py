@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import Any
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -15,13 +17,20 @@ from starlette.responses import Response
 
 from . import validation, visibility
 from .auth import Principal, Verifier
-from .errors import PayloadTooLarge, RequestInvalid
+from .deadline import within
+from .errors import PayloadTooLarge, RequestInvalid, Unavailable
 from .hotpath import request_headers
 from .observability import ORG_KEY
 from .schemas import ImageCreateReq, ImageResp, json_encoder
 from .store import Actor, Store
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 JSON = "application/json"
+# A write that has no answer from the database by then is a 503 (statement_timeout is 5 s: a live but
+# slow database answers before this, with its own error).
+WRITE_DEADLINE = 6.0
 CACHE_CONTROL = "private, max-age=0"
 MAX_BODY = 1024 * 1024
 DRAIN_MAX = 16 * MAX_BODY  # an oversized body up to this size is read (and dropped) before the 413
@@ -90,14 +99,34 @@ def _written(image: ImageResp, status: int, extra: dict[str, str] | None = None)
     return Response(body, status_code=status, media_type=JSON, headers=headers)
 
 
+async def _bounded(request: Request, write: Awaitable[T]) -> T:
+    """Run a write, then refresh this worker's read model (read-your-writes), within WRITE_DEADLINE.
+
+    A database that stops answering (frozen, partitioned) would otherwise hold the request as long as
+    TCP does: PostgreSQL's statement_timeout cannot fire in a server that is not running. At the deadline
+    the answer is a 503, whose outcome the contract leaves open; the write itself is not cut off
+    mid-transaction (deadline.py), it commits or rolls back on its own.
+    """
+
+    async def write_then_refresh() -> T:
+        result = await write
+        await request.app.state.catalog.refresh()
+        return result
+
+    try:
+        return await within(write_then_refresh(), WRITE_DEADLINE)
+    except TimeoutError:
+        log.warning("write gave no answer within %ss: 503", WRITE_DEADLINE)
+        raise Unavailable() from None
+
+
 async def create_image(request: Request) -> Response:
     caller = principal(request)
     visibility.require_some_write_scope(caller)
     spec, image_type = validation.read_create_request(await read_json(request))
     visibility.check_create(caller, image_type, spec.orgId)
     store: Store = request.app.state.store
-    image = await store.create_image(spec, image_type, actor(caller))
-    await request.app.state.catalog.refresh()  # read-your-writes on this worker
+    image = await _bounded(request, store.create_image(spec, image_type, actor(caller)))
     return _written(image, 201, {"Location": f"/v1/images/{image.id}"})
 
 
@@ -112,8 +141,7 @@ async def patch_image(request: Request) -> Response:
         return validation.read_patch(msgspec.to_builtins(current), patch)
 
     store: Store = request.app.state.store
-    image = await store.update_image(image_id, actor(caller), change)
-    await request.app.state.catalog.refresh()
+    image = await _bounded(request, store.update_image(image_id, actor(caller), change))
     return _written(image, 200)
 
 
@@ -126,6 +154,5 @@ async def delete_image(request: Request) -> Response:
         visibility.check_change(caller, current.type, current.orgId)
 
     store: Store = request.app.state.store
-    await store.delete_image(image_id, actor(caller), check)
-    await request.app.state.catalog.refresh()
+    await _bounded(request, store.delete_image(image_id, actor(caller), check))
     return Response(status_code=204)

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .pids import descendants
+
 
 class PostgresUnavailable(RuntimeError):
     """No PostgreSQL server binaries could be found on this machine."""
@@ -176,15 +178,20 @@ class PostgresServer:
         return self.process.pid
 
     def stop(self, mode: str = "fast", timeout: float = 30.0) -> None:
-        """``fast`` (SIGINT: clean shutdown), ``immediate`` (SIGQUIT) or ``kill`` (SIGKILL of all)."""
+        """``fast`` (SIGINT: clean shutdown), ``immediate`` (SIGQUIT) or ``kill`` (SIGKILL of all of it)."""
         if self.process is None or self.process.poll() is not None:
             return
         sig = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT, "kill": signal.SIGKILL}[mode]
         pid = self.postmaster_pid()
+        if mode == "kill":
+            # As when the host dies: every process at once. The backends would outlive a killed
+            # postmaster, and each calls setsid(), so its process group does not reach them: stop the
+            # postmaster (no new forks, no reaction), kill what it forked, then kill it.
+            os.kill(pid, signal.SIGSTOP)
+            for child in descendants(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
         os.kill(pid, sig)
-        if mode == "kill":  # the backends outlive a killed postmaster: take the whole session down
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout)
         if self.process.poll() is None:
