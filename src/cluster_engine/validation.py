@@ -49,6 +49,8 @@ def original(value: Any) -> str:
             text = msgspec.json.encode(value).decode()
         except (TypeError, msgspec.EncodeError):
             text = repr(value)
+        except RecursionError:  # nested about as deep as the decoder allows: echo its shape, not it
+            text = f"<{type(value).__name__} nested too deeply>"
     return text if len(text) <= _ORIGINAL_VALUE_MAX else text[:_ORIGINAL_VALUE_MAX] + "…"
 
 
