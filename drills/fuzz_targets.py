@@ -44,6 +44,8 @@ with atheris.instrument_imports(include=["cluster_engine", "jwt"]):
     from cluster_engine.errors import ApiError, RequestInvalid
     from cluster_engine.schemas import json_encoder
 
+from .common import create_body as drill_body  # after the instrumented imports: it imports them too
+
 SECRET = "fuzz-secret-" + "x" * 40  # HS256 key of the token target's verifiers
 ISSUER, AUDIENCE = "https://issuer.example", "cluster-engine"
 ORG = uuid.UUID("0b7e2f52-4c1a-4d52-9a57-2f1c3c2d9e01")
@@ -58,23 +60,7 @@ _UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 
 
 def create_body(name: str = "fuzz-image") -> dict[str, Any]:
-    return {
-        "idc": "us-west-1",
-        "orgId": str(ORG),
-        "path": f"images/{name}.qcow2",
-        "name": name,
-        "OSSeries": "Ubuntu",
-        "OSVersion": "22.04",
-        "OSArchitecture": "x86_64",
-        "BootMode": "UEFI",
-        "SystemDiskSize": "200G",
-        "DefaultPartitionTable": [
-            {"name": "EFI", "mountPoint": "/boot/efi", "size": "512M", "fileSystem": "vfat"},
-            {"name": "root", "mountPoint": "/", "size": "199G", "fileSystem": "ext4"},
-        ],
-        "icon": "https://static.example.com/ubuntu.svg",
-        "supportedProducts": ["gpu.h100.8x", "gpu.b200.8x"],
-    }
+    return drill_body(ORG, name=name)
 
 
 def current_image() -> dict[str, Any]:

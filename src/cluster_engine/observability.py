@@ -23,7 +23,7 @@ import re
 import sys
 import time
 from bisect import bisect_left
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import msgspec
@@ -61,6 +61,16 @@ def route_of(path: str) -> str:
     if path.startswith("/docs/assets/"):
         return "/docs/assets/{asset}"
     return "other"
+
+
+async def flush_every(flush: Callable[[], None], interval: float) -> None:
+    """Call ``flush`` every ``interval`` seconds, and once more when cancelled (at shutdown)."""
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            flush()
+    finally:
+        flush()
 
 
 class _MultiProcessCollector(prometheus_multiprocess.MultiProcessCollector):
@@ -187,12 +197,7 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     async def flush_forever(self, interval: float = 0.5) -> None:
-        try:
-            while True:
-                await asyncio.sleep(interval)
-                self.flush()
-        finally:
-            self.flush()
+        await flush_every(self.flush, interval)
 
 
 def _can_add_many(histogram: Histogram) -> bool:
@@ -282,12 +287,7 @@ class AccessLog:
                 self.stream.flush()
 
     async def flush_forever(self, interval: float = 0.05) -> None:
-        try:
-            while True:
-                await asyncio.sleep(interval)
-                self.flush()
-        finally:
-            self.flush()
+        await flush_every(self.flush, interval)
 
 
 class Observer:
