@@ -64,14 +64,18 @@ def error_answer(error: ApiError) -> tuple[int, Headers, bytes]:
     return error.status, headers, body
 
 
-def request_headers(scope: Scope) -> tuple[bytes | None, bytes | None]:
-    authorization = if_none_match = None
+def request_headers(scope: Scope) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """One pass for the headers the read path uses: Authorization, If-None-Match, X-Request-ID.
+    Several Authorization fields become ``SEVERAL_AUTHORIZATIONS``, which the verifier refuses."""
+    authorization = if_none_match = request_id = None
     for name, value in scope["headers"]:
         if name == b"authorization":
             authorization = value if authorization is None else SEVERAL_AUTHORIZATIONS
         elif name == b"if-none-match":
             if_none_match = value
-    return authorization, if_none_match
+        elif name == REQUEST_ID and request_id is None:
+            request_id = value
+    return authorization, if_none_match, request_id
 
 
 class _ReadEndpoint:
@@ -86,7 +90,7 @@ class _ReadEndpoint:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         """As an ASGI endpoint (mounted in Starlette's router: HEAD, and GET when not in front)."""
-        authorization, if_none_match = request_headers(scope)
+        authorization, if_none_match, _ = request_headers(scope)
         status, headers, body = await self.answer_safely(scope, authorization, if_none_match)
         await send_answer(send, status, headers, body, scope["method"] == "HEAD")
 
@@ -207,14 +211,7 @@ class HotPath:
         observer = self.observer
         started = time.perf_counter()
         observer.in_flight += 1
-        authorization = if_none_match = supplied_id = None
-        for name, value in scope["headers"]:  # one pass for the three headers this path reads
-            if name == b"authorization":
-                authorization = value if authorization is None else SEVERAL_AUTHORIZATIONS
-            elif name == b"if-none-match":
-                if_none_match = value
-            elif name == REQUEST_ID and supplied_id is None:
-                supplied_id = value
+        authorization, if_none_match, supplied_id = request_headers(scope)
         request_id = observer.request_id(supplied_id)
         status = 500
         try:
