@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import sqlalchemy as sa
 
 from cluster_engine.auth import mint_token
-from cluster_engine.db import audit_log, image_products, images
+from cluster_engine.db import audit_log, images
 from cluster_engine.pids import descendants
-from cluster_engine.store import Store
+from cluster_engine.store import Store, image_from_row, image_of_body
 from cluster_engine.testing import LiveServer
 
 IDCS = ("us-west-1", "us-east-1", "eu-central-1", "ap-southeast-1")
@@ -330,8 +331,8 @@ def recovery_after(outcomes: Sequence[Outcome], fault_at: float, kind: str | Non
 # ------------------------------------------------------------------------------------------ checks
 
 
-async def _stored(database_url: str) -> tuple[dict[str, Any], set[str], dict[str, set[str]]]:
-    """Every image (id -> row), the ids with a ``create`` audit entry, and product rows per image id."""
+async def _stored(database_url: str) -> tuple[dict[str, Any], set[str]]:
+    """Every image (id -> row) and the ids with a ``create`` audit entry."""
     store = Store.open(database_url)
     try:
         async with store.engine.connect() as conn:
@@ -342,18 +343,16 @@ async def _stored(database_url: str) -> tuple[dict[str, Any], set[str], dict[str
                     await conn.execute(sa.select(audit_log.c.image_id).where(audit_log.c.action == "create"))
                 ).all()
             }
-            products: dict[str, set[str]] = {}
-            for r in (await conn.execute(sa.select(image_products))).all():
-                products.setdefault(str(r.image_id), set()).add(r.product)
-        return rows, audited, products
+        return rows, audited
     finally:
         await store.close()
 
 
 def verify_ledger(database_url: str, ledger: Ledger, report: Report, label: str = "") -> None:
     """Every acknowledged create is stored whole, every acknowledged delete is gone, and no image the load
-    wrote is stored without having been asked for, or half-written (missing its audit entry or products)."""
-    rows, audited, products = asyncio.run(_stored(database_url))
+    wrote is stored without having been asked for, or half-written (missing its audit entry, or its served
+    body disagreeing with its columns)."""
+    rows, audited = asyncio.run(_stored(database_url))
     prefix = f"{label}: " if label else ""
     expected = ledger.live()
     missing = sorted(i for i in expected if i not in rows)
@@ -362,11 +361,7 @@ def verify_ledger(database_url: str, ledger: Ledger, report: Report, label: str 
     phantom = sorted(
         i for i, r in drill_rows.items() if i not in ledger.created and r.name not in ledger.uncertain_names
     )
-    half = sorted(
-        i
-        for i, r in drill_rows.items()
-        if i not in audited or products.get(i, set()) != set(json.loads(_json(r.supported_products)))
-    )
+    half = sorted(i for i, r in drill_rows.items() if i not in audited or not body_matches_columns(r))
     changed = sorted(i for i in expected if i in rows and rows[i].name != ledger.created[i]["name"])
     acked_present = len(expected) - len(missing)
     report.figures[f"{prefix}writes acknowledged"] = len(ledger.created) + len(ledger.deleted)
@@ -388,8 +383,9 @@ def verify_ledger(database_url: str, ledger: Ledger, report: Report, label: str 
     report.check(not changed, f"{prefix}{len(changed)} acknowledged images stored differently: {changed[:5]}")
 
 
-def _json(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+def body_matches_columns(row: Any) -> bool:
+    """The row's stored body (what the service serves) says what its columns say."""
+    return bool(msgspec.to_builtins(image_of_body(row.body)) == msgspec.to_builtins(image_from_row(row)))
 
 
 def check_answers(outcomes: Iterable[Outcome], report: Report, label: str = "") -> None:

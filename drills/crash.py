@@ -15,15 +15,14 @@ are counted as cut by the kill, not as failures; every other answer must be with
 database holds; every acknowledged create is stored whole and every acknowledged delete is gone
 (``verify_ledger``); SQLite's ``PRAGMA integrity_check`` and ``foreign_key_check``, or on PostgreSQL
 ``amcheck`` of every B-tree index (``bt_index_parent_check`` with ``heapallindexed``) and of every table's
-heap (``verify_heapam``); and the cross-table invariants of the schema (product rows match
-``supported_products`` and have their image, every image has its ``create`` audit entry, no row is stamped
+heap (``verify_heapam``); and the cross-table invariants of the schema (every image's served body
+agrees with its columns, every image has its ``create`` audit entry, no row is stamped
 with a revision above ``catalog_state``'s, no id is both stored and deleted).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -43,11 +42,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from cluster_engine.auth import mint_token
-from cluster_engine.db import audit_log, catalog_state, deleted_images, image_products, images
+from cluster_engine.db import audit_log, catalog_state, deleted_images, images
 from cluster_engine.pgserver import PostgresServer
 from cluster_engine.testing import LiveServer
 
-from .common import Load, Outcome, Report, org, seed_catalog, verify_ledger, worker_pids
+from .common import Load, Outcome, Report, body_matches_columns, org, seed_catalog, verify_ledger, worker_pids
 
 NAME = "crash"
 TITLE = "Server crash: kill -9 of a worker and of the whole server during writes (SQLite, PostgreSQL)"
@@ -294,9 +293,6 @@ def consistency(database_url: str) -> list[str]:
         with engine.connect() as conn:
             revision = conn.scalar(sa.select(catalog_state.c.revision))
             stored = {str(r.id): r for r in conn.execute(sa.select(images)).all()}
-            products: dict[str, set[str]] = {}
-            for r in conn.execute(sa.select(image_products)).all():
-                products.setdefault(str(r.image_id), set()).add(r.product)
             deleted = {str(r.id): int(r.revision) for r in conn.execute(sa.select(deleted_images)).all()}
             audits = conn.execute(
                 sa.select(audit_log.c.image_id, audit_log.c.action, audit_log.c.revision)
@@ -305,8 +301,7 @@ def consistency(database_url: str) -> list[str]:
         engine.dispose()
     created = {str(a.image_id) for a in audits if a.action == "create"}
     deletes = {str(a.image_id) for a in audits if a.action == "delete"}
-    orphans = set(products) - set(stored)
-    mismatched = [i for i, r in stored.items() if products.get(i, set()) != set(_list(r.supported_products))]
+    mismatched = [i for i, r in stored.items() if not body_matches_columns(r)]
     newest = max(
         [int(r.revision) for r in stored.values()]
         + list(deleted.values())
@@ -315,8 +310,7 @@ def consistency(database_url: str) -> list[str]:
     )
     checks: list[tuple[Any, str]] = [
         (revision is not None, "catalog_state has no row"),
-        (not orphans, f"{len(orphans)} images have product rows but no image row"),
-        (not mismatched, f"{len(mismatched)} images' product rows differ from supported_products"),
+        (not mismatched, f"{len(mismatched)} images' served body differs from their columns"),
         (not (set(stored) - created), f"{len(set(stored) - created)} images have no create audit entry"),
         (
             not (set(deleted) - deletes),
@@ -330,10 +324,6 @@ def consistency(database_url: str) -> list[str]:
     ]
     problems += [message for ok, message in checks if not ok]
     return problems
-
-
-def _list(value: Any) -> list[str]:
-    return json.loads(value) if isinstance(value, str) else list(value)
 
 
 def sqlite_integrity(path: Path) -> list[str]:

@@ -87,11 +87,62 @@ def test_migrations_upgrade_downgrade_upgrade_match_the_tables(
     url = databases.url(store, tmp_path)
     db.upgrade(url)
     assert _schema_diff(url) == []
-    assert {"images", "image_products", "deleted_images", "catalog_state"} <= _tables(url)
+    assert {"images", "deleted_images", "catalog_state", "audit_log"} <= _tables(url)
     db.downgrade(url, "base")
     assert _tables(url) <= {"alembic_version"}
     db.upgrade(url)
     assert _schema_diff(url) == []
+
+
+def _rows(url: str, query: str) -> list[Any]:
+    async def run() -> list[Any]:
+        engine = db.create_engine(url)
+        try:
+            async with engine.connect() as conn:
+                return list((await conn.execute(sa.text(query))).all())
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_migration_0003_backfills_the_served_bodies_and_downgrades_to_product_rows(
+    store: str, databases: Databases, tmp_path: Path
+) -> None:
+    """0003 renders each existing row's body exactly as the service serves it, and its downgrade gives
+    0002's product rows back."""
+    url = databases.url(store, tmp_path)
+    db.upgrade(url)
+    entries = [
+        image_entry("us-west-1", "one", supportedProducts=["gpu.h100.8x", "gpu.b200.8x"]),
+        image_entry("us-west-1", "two", type="Customized", createdAt="2026-03-04T05:06:07.250000Z"),
+        image_entry("eu-1", "three", createdAt="1999-12-31T23:59:59Z"),
+    ]
+    _write(url, entries)
+
+    async def served() -> dict[str, bytes]:
+        opened = Store.open(url)
+        try:
+            loaded = await opened.load_namespaces(["public", entries[1]["orgId"]])
+        finally:
+            await opened.close()
+        return {json.loads(body)["id"]: body for body, _ in loaded.images}
+
+    before = asyncio.run(served())
+    assert len(before) == 3
+    db.downgrade(url, "0002")
+    products = {
+        (str(r[0]).replace("-", ""), r[1]) for r in _rows(url, "SELECT image_id, product FROM image_products")
+    }
+    assert products == {
+        (image_id.replace("-", ""), product)
+        for image_id, body in before.items()
+        for product in json.loads(body)["supportedProducts"]
+    }
+    db.upgrade(url)
+    assert _schema_diff(url) == []
+    assert asyncio.run(served()) == before
 
 
 # ------------------------------------------------------------------------------------------- freshness

@@ -17,7 +17,7 @@ import asyncio
 import datetime as dt
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 from cluster_engine.auth import Principal
 from cluster_engine.catalog import Catalog, Rendered
 from cluster_engine.errors import Unavailable
-from cluster_engine.schemas import ImageBootMode, ImageResp, ImageType, Partition
-from cluster_engine.store import Changes, Namespace
+from cluster_engine.schemas import ImageBootMode, ImageResp, ImageType, Partition, json_encoder
+from cluster_engine.store import Changes, Namespace, Stored
 from cluster_engine.testing import LiveServer
 from cluster_engine.visibility import can_see_namespace
 
@@ -134,14 +134,41 @@ class FakeStore:
             return await self._deliver(Changes(revision=since, upserted=[], deleted=[]))  # type: ignore[no-any-return]
         changes = Changes(
             revision=revision,
-            upserted=[(image, r) for image, r in self.rows.values() if since < r <= revision],
-            deleted=[(image_id, r) for image_id, r in self.tombstones.items() if since < r <= revision],
+            upserted=[
+                (json_encoder.encode(image), r) for image, r in self.rows.values() if since < r <= revision
+            ],
+            deleted=[(str(image_id), r) for image_id, r in self.tombstones.items() if since < r <= revision],
         )
         return await self._deliver(changes)  # type: ignore[no-any-return]
 
     async def load_namespace(self, namespace: str) -> Namespace:
-        found = [(image, r) for image, r in self.rows.values() if namespace_of(image) == namespace]
+        return await self.load_namespaces([namespace])
+
+    async def load_namespaces(self, namespaces: list[str]) -> Namespace:
+        found = [
+            (json_encoder.encode(image), r)
+            for image, r in self.rows.values()
+            if namespace_of(image) in namespaces
+        ]
         return await self._deliver(Namespace(revision=self.revision, images=found))  # type: ignore[no-any-return]
+
+    async def customized(self, batch: int = 10_000) -> AsyncIterator[tuple[int, list[tuple[str, Stored]]]]:
+        """Every Customized image by org namespace, in batches of about ``batch`` rows that keep an org
+        whole, as the real store's warm-start read does."""
+        revision = self.revision
+        rows = sorted(
+            (namespace_of(image), (json_encoder.encode(image), r))
+            for image, r in self.rows.values()
+            if image.type is ImageType.CUSTOMIZED
+        )
+        chunk: list[tuple[str, Stored]] = []
+        for row in rows:
+            if len(chunk) >= batch and chunk[-1][0] != row[0]:
+                yield revision, chunk
+                chunk = []
+            chunk.append(row)
+        if chunk:
+            yield revision, chunk
 
 
 async def settle() -> None:
@@ -258,7 +285,7 @@ async def check_catalog(catalog: Catalog, store: FakeStore, validators: Validato
             await catalog.load_org(str(org))
         caller = Principal(org_id=org, scopes=frozenset())
         for image_id in [*IDS, uuid.UUID(int=0)]:
-            entry = catalog.get(image_id)
+            entry = catalog.get(str(image_id))
             shown = entry if entry is not None and can_see_namespace(caller, entry.namespace) else None
             image = model.get(image_id)
             if image is None or not is_visible(image, org):
@@ -314,6 +341,8 @@ limits = st.fixed_dictionaries(
         "max_images": st.sampled_from([200_000, 3, 1]),
     }
 )
+# Whether the worker starts warm (``Catalog.preload``, complete when everything fits) or cold.
+starts = st.sampled_from(["cold", "preload"])
 
 
 # --------------------------------------------------------------------------------------- in process
@@ -323,16 +352,24 @@ limits = st.fixed_dictionaries(
 @given(
     ops=st.lists(st.one_of(writes, writes, st.just(Refresh()), queries), max_size=14),
     limit=limits,
+    start=starts,
+    before=st.lists(writes, max_size=3),
 )
-def test_read_model_matches_brute_force(ops: list[Write | Refresh | Query], limit: dict[str, int]) -> None:
+def test_read_model_matches_brute_force(
+    ops: list[Write | Refresh | Query], limit: dict[str, int], start: str, before: list[Write]
+) -> None:
     """Writes, refreshes and queries in any order: after every refresh the read model equals the store;
     in between, answers may be stale but are always visible to the caller, ordered and duplicate-free."""
 
     async def run() -> None:
         store = FakeStore()
+        for write in before:  # what the database holds when the worker starts
+            store.write(write.upserts, write.deletes)
         catalog = Catalog(store, **limit)  # type: ignore[arg-type]
         validators = Validators()
         await catalog.refresh()
+        if start == "preload":
+            await catalog.preload(batch=2)
         for op in ops:
             if isinstance(op, Write):
                 store.write(op.upserts, op.deletes)
@@ -389,15 +426,22 @@ LOST_REWIND = [
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@example(ops=LOST_REWIND, limit={"cache_size": 4096, "max_orgs": 100_000, "max_images": 200_000})
+@example(
+    ops=LOST_REWIND,
+    limit={"cache_size": 4096, "max_orgs": 100_000, "max_images": 200_000},
+    start="cold",
+    before=[],
+)
 @given(
     ops=st.lists(
         st.one_of(writes, st.just(Refresh()), queries, st.builds(Release, st.integers(0, 3))), max_size=20
     ),
     limit=limits,
+    start=starts,
+    before=st.lists(writes, max_size=3),
 )
 def test_read_model_converges_whatever_the_interleaving(
-    ops: list[Write | Refresh | Query | Release], limit: dict[str, int]
+    ops: list[Write | Refresh | Query | Release], limit: dict[str, int], start: str, before: list[Write]
 ) -> None:
     """Org loads, refreshes and writes interleaved in any order (each store answer delivered when the
     test releases it): once everything has landed and one more refresh ran, the read model equals the
@@ -405,8 +449,12 @@ def test_read_model_converges_whatever_the_interleaving(
 
     async def run() -> None:
         store = FakeStore()
+        for write in before:  # what the database holds when the worker starts
+            store.write(write.upserts, write.deletes)
         catalog = Catalog(store, **limit)  # type: ignore[arg-type]
         await catalog.refresh()
+        if start == "preload":
+            await catalog.preload(batch=2)
         store.hold = True
         tasks: list[asyncio.Task[Any]] = []
         for op in ops:

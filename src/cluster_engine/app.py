@@ -152,6 +152,7 @@ def create_app(settings: Settings) -> HotPath:
         get_image.bind(catalog, verifier)
         try:
             await catalog.refresh()
+            await catalog.preload()  # a starting (or respawned) worker is ready already holding its orgs
         except Exception as exc:  # serve 503s until the database answers; the poller keeps trying
             log.warning("initial catalog load failed: %s: %s", exc.__class__.__name__, exc)
         tasks = [

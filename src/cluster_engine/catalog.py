@@ -1,9 +1,19 @@
-"""The read model: the catalog in memory, indexed, with serialized responses cached per revision.
+"""The read model: the catalog in memory, indexed, with serialized responses cached per visible set.
 
 Layout: one ``Shelf`` per namespace ("public", or an org id for that org's Customized images). Each shelf
 keeps its entries sorted in list order, whole and per ``idc``, per product and per (idc, product), so a
 filtered query walks only its result. A caller's visible set is the public shelf merged with its own
-org's shelf; an org without Customized images shares the public responses in the cache.
+org's shelf; a caller whose own shelf has nothing in the selection shares the Public answer.
+
+Entries are built from each row's stored body (the served JSON, ``images.body``): loading an org decodes
+only the few fields it is indexed by and never re-encodes. Concurrent loads of many orgs are coalesced
+into one indexed query per batch (``load_org``), so a burst of first requests costs one round trip per
+batch instead of one per org, and no load waits behind another org's query.
+
+Warm start (``preload``): before a worker is ready it holds the Customized images of every org that fits
+the bounds. When all of them fit, the catalog is *complete*: an org it does not hold has no Customized
+images, so its first request needs no database at all, and changes to any org are applied as they come.
+The first eviction ends completeness, and orgs not held load on first use again.
 
 Memory stays bounded however many orgs there are: the Public shelf is always held, org shelves are held
 for recently seen orgs only (least recently used go first, past ``max_images`` Customized images or
@@ -15,29 +25,34 @@ Freshness: the catalog knows the database revision it reflects and when that was
 ``ensure_fresh`` lets a request through while the confirmation is younger than the bound; otherwise it
 refreshes from the store first and, if that fails, the request gets a 503 instead of stale data.
 Changes are applied idempotently (each entry remembers the revision that wrote it, and older news is
-ignored), which is what lets org loads and change polling interleave safely.
+ignored), which is what lets org loads and change polling interleave safely. A change invalidates only
+the cached answers of the visible sets it touches: one org's for a Customized image, everyone's for a
+Public one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import datetime as dt
 import hashlib
 import heapq
 import itertools
 import logging
 import sys
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
+import msgspec
+
 from .deadline import within
 from .errors import Unavailable
-from .schemas import ImageResp, ImageType, json_encoder
-from .store import Changes, Store
+from .schemas import ImageType
+from .store import Changes, Store, Stored
 from .validation import ListQuery, encode_cursor
 
 log = logging.getLogger(__name__)
@@ -46,13 +61,17 @@ PUBLIC = "public"
 SortKey = tuple[str, str]
 REFRESH_TIMEOUT = 1.0  # a request waits at most this long for the database before answering 503
 RETRY_AFTER_FAILURE = 0.25  # after a failed refresh, requests answer 503 at once for this long
+LOAD_BATCH = 256  # orgs loaded by one query, at most
+CONCURRENT_LOADS = 2  # org-load queries in flight at once, at most
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    id: uuid.UUID
+class Entry(msgspec.Struct, frozen=True, gc=False):
+    """One image as held. A msgspec Struct: built several times faster than a frozen dataclass, and
+    smaller (no GC header: it holds only strings, bytes and tuples of them, so it can't be in a cycle)."""
+
+    id: str  # canonical lowercase uuid
     json: bytes  # the image's serialized ImageResp, joined into list bodies as is
-    key: SortKey  # (createdAt in RFC 3339 UTC, id): string order equals time order
+    key: SortKey  # (createdAt as YYYY-MM-DDTHH:MM:SS.ffffff in UTC, id): string order equals time order
     namespace: str  # "public", or the owner org's id
     idc: str
     products: tuple[str, ...]
@@ -63,24 +82,49 @@ def _sort_key(entry: Entry) -> SortKey:
     return entry.key
 
 
-def make_entry(image: ImageResp, revision: int) -> Entry:
+class _Indexed(msgspec.Struct):
+    """The fields of a served image that the read model indexes it by (the rest stays in the bytes)."""
+
+    id: str
+    type: str
+    orgId: str
+    idc: str
+    supportedProducts: list[str]
+    createdAt: str
+
+
+_indexed = msgspec.json.Decoder(_Indexed)
+
+
+def _created_key(created: str) -> str:
+    """``createdAt`` as stored bodies spell it (msgspec: UTC "Z", a four-digit year, six fraction digits
+    or none) in one fixed-width form, so that string order is time order."""
+    if len(created) == 20 and created[19] == "Z":
+        return created[:19] + ".000000"
+    if len(created) == 27 and created[26] == "Z":
+        return created[:26]
+    moment = dt.datetime.fromisoformat(created).astimezone(dt.UTC)  # any other spelling of an instant
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds")
+
+
+def make_entry(body: bytes, revision: int) -> Entry:
+    """An entry from an image's stored body (its served JSON)."""
     intern = sys.intern
-    namespace = PUBLIC if image.type is ImageType.PUBLIC else intern(str(image.orgId))
-    # isoformat pads the year to four digits (strftime's %Y doesn't, so year 999 would sort last)
-    created = image.createdAt.replace(tzinfo=None).isoformat(timespec="microseconds")
+    fields = _indexed.decode(body)
     return Entry(
-        id=image.id,
-        json=json_encoder.encode(image),
-        key=(created, str(image.id)),
-        namespace=namespace,
-        idc=intern(image.idc),
-        products=tuple(intern(p) for p in image.supportedProducts),
-        revision=revision,
+        fields.id,
+        body,
+        (_created_key(fields.createdAt), fields.id),
+        PUBLIC if fields.type == "Public" else intern(fields.orgId),
+        intern(fields.idc),
+        tuple([intern(p) for p in fields.supportedProducts]),
+        revision,
     )
 
 
-class Shelf:
-    """One namespace's entries, sorted, with indexes for every filter combination."""
+class IndexedShelf:
+    """The Public images, sorted, with an index for every filter combination (every caller reads them,
+    so each query walks only its result)."""
 
     __slots__ = ("all", "by_idc", "by_idc_product", "by_product")
 
@@ -101,6 +145,19 @@ class Shelf:
     def add(self, entry: Entry) -> None:
         for items in self._lists(entry, create=True):
             bisect.insort(items, entry, key=_sort_key)
+
+    def fill(self, entries: list[Entry]) -> None:
+        """Hold ``entries`` on an empty shelf: one sort, then appends that keep every list sorted."""
+        assert not self.all
+        entries.sort(key=_sort_key)
+        by_idc, by_product, by_pair = self.by_idc, self.by_product, self.by_idc_product
+        for entry in entries:
+            idc = entry.idc
+            by_idc.setdefault(idc, []).append(entry)
+            for product in entry.products:
+                by_product.setdefault(product, []).append(entry)
+                by_pair.setdefault((idc, product), []).append(entry)
+        self.all = entries
 
     def remove(self, entry: Entry) -> None:
         for items in self._lists(entry, create=False):
@@ -126,6 +183,56 @@ class Shelf:
 
     def __len__(self) -> int:
         return len(self.all)
+
+
+class Shelf:
+    """One org's Customized images, sorted; a filtered selection is computed on first use and kept
+    until the shelf changes. An org has tens of images, so this is cheaper to build than indexes (the
+    cold path builds one per org's first request) and holds only the selections asked for."""
+
+    __slots__ = ("_selections", "all")
+    MAX_SELECTIONS = 64  # kept per shelf; past this they are dropped and computed again when asked
+
+    def __init__(self) -> None:
+        self.all: list[Entry] = []
+        self._selections: dict[tuple[str | None, str | None], list[Entry]] = {}
+
+    def add(self, entry: Entry) -> None:
+        bisect.insort(self.all, entry, key=_sort_key)
+        self._selections.clear()
+
+    def remove(self, entry: Entry) -> None:
+        at = bisect.bisect_left(self.all, entry.key, key=_sort_key)
+        if at < len(self.all) and self.all[at] is entry:
+            del self.all[at]
+        self._selections.clear()
+
+    def fill(self, entries: list[Entry]) -> None:
+        """Hold ``entries`` (an empty shelf's first images): one sort."""
+        assert not self.all
+        entries.sort(key=_sort_key)
+        self.all = entries
+
+    def select(self, idc: str | None, product: str | None) -> list[Entry]:
+        if idc is None and product is None:
+            return self.all
+        selection = self._selections.get((idc, product))
+        if selection is None:
+            selection = [
+                entry
+                for entry in self.all
+                if (idc is None or entry.idc == idc) and (product is None or product in entry.products)
+            ]
+            if len(self._selections) >= self.MAX_SELECTIONS:
+                self._selections.clear()
+            self._selections[(idc, product)] = selection
+        return selection
+
+    def __len__(self) -> int:
+        return len(self.all)
+
+
+EMPTY = Shelf()  # what a complete catalog answers for an org it does not hold (never written to)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +272,9 @@ def next_link(query: ListQuery, last: SortKey) -> bytes:
     return f'<{target}>; rel="next"'.encode()
 
 
+CacheKey = tuple[str | None, str | None]
+
+
 class Catalog:
     def __init__(
         self,
@@ -177,22 +287,29 @@ class Catalog:
     ) -> None:
         self.store = store
         self.freshness_bound = freshness_bound
-        self.cache_size = cache_size
+        self.cache_size = cache_size  # cached list answers (whole lists and pages each), at most
         self.max_images = max_images  # Customized images held in memory, at most
         self.max_orgs = max_orgs  # org shelves (empty ones included) held in memory, at most
         self.revision: int | None = None  # the database revision this read model reflects
         self.confirmed_at = float("-inf")  # time.monotonic() when the revision was last confirmed
         self.failed_at = float("-inf")  # time.monotonic() of the last failed refresh
+        self.complete = False  # every org with Customized images is held (see the module docstring)
         self._cursor: int | None = None  # changes are fetched from here (may rewind below revision)
         self._rewind: int | None = None  # lowest rewind asked for by org loads during a fetch
-        self._entries: dict[uuid.UUID, Entry] = {}
-        self._public = Shelf()
+        self._entries: dict[str, Entry] = {}
+        self._public = IndexedShelf()
         self._orgs: OrderedDict[str, Shelf] = OrderedDict()
         self._org_images = 0
-        self._loading: dict[str, asyncio.Future[Shelf]] = {}
-        self._cache: dict[tuple[str, str | None, str | None], Rendered] = {}
-        self._pages: dict[tuple[str, ListQuery], Rendered] = {}
-        self._items: dict[uuid.UUID, Rendered] = {}
+        self._loading: dict[str, asyncio.Future[Shelf]] = {}  # orgs asked for and not yet held
+        self._wanted: list[str] = []  # of those, the ones no query has taken yet
+        self._loaders: set[asyncio.Task[None]] = set()
+        # Cached answers, per visible set ("public", or an org whose own images are in the answer), so
+        # that a change drops only the answers of the sets it touches.
+        self._cache: dict[str, dict[CacheKey, Rendered]] = {}
+        self._cached = 0
+        self._pages: dict[str, dict[ListQuery, Rendered]] = {}
+        self._paged = 0
+        self._items: dict[str, Rendered] = {}
         self._refresh_lock = asyncio.Lock()
         self._refresh_task: asyncio.Task[None] | None = None
         self.on_refresh_failure: Callable[[], None] | None = None  # e.g. a metrics hook
@@ -204,35 +321,36 @@ class Catalog:
         shelf = self._orgs.get(org)
         if shelf is not None:
             self._orgs.move_to_end(org)
-        return shelf
+            return shelf
+        return EMPTY if self.complete else None
 
     def list_images(self, org: str, own: Shelf, idc: str | None, product: str | None) -> Rendered:
-        """The images ``org`` may see (Public + ``own``), filtered, serialized; cached per revision."""
-        visible = org if len(own) else PUBLIC
-        cache_key = (visible, idc, product)
-        rendered = self._cache.get(cache_key)
+        """The images ``org`` may see (Public + ``own``), filtered, serialized; cached per visible set."""
+        mine = own.select(idc, product)
+        visible = org if mine else PUBLIC
+        answers = self._cache.get(visible)
+        rendered = None if answers is None else answers.get((idc, product))
         if rendered is None:
             public = self._public.select(idc, product)
-            if visible == PUBLIC:
-                rendered = render(public)
-            else:
-                rendered = render(heapq.merge(public, own.select(idc, product), key=_sort_key))
+            rendered = render(heapq.merge(public, mine, key=_sort_key) if mine else public)
             if self.cache_size:
-                if len(self._cache) >= self.cache_size:
-                    del self._cache[next(iter(self._cache))]
-                self._cache[cache_key] = rendered
+                if self._cached >= self.cache_size:
+                    self._cached -= len(self._cache.pop(next(iter(self._cache))))
+                self._cache.setdefault(visible, {})[(idc, product)] = rendered
+                self._cached += 1
         return rendered
 
     def page(self, org: str, own: Shelf, query: ListQuery) -> Rendered:
         """One page of ``list_images``: up to ``query.limit`` images after ``query.after``, with a
         ``Link: <…>; rel="next"`` header when more follow."""
-        visible = org if len(own) else PUBLIC
-        cache_key = (visible, query)
-        rendered = self._pages.get(cache_key)
+        mine = own.select(query.idc, query.product)
+        visible = org if mine else PUBLIC
+        answers = self._pages.get(visible)
+        rendered = None if answers is None else answers.get(query)
         if rendered is None:
             sources = [self._public.select(query.idc, query.product)]
-            if visible != PUBLIC:
-                sources.append(own.select(query.idc, query.product))
+            if mine:
+                sources.append(mine)
             if query.after is not None:
                 sources = [s[bisect.bisect_right(s, query.after, key=_sort_key) :] for s in sources]
             merged = heapq.merge(*sources, key=_sort_key) if len(sources) > 1 else iter(sources[0])
@@ -244,9 +362,10 @@ class Catalog:
                 link = next_link(query, entries[-1].key)
             rendered = render(entries, link)
             if self.cache_size:
-                if len(self._pages) >= self.cache_size:
-                    del self._pages[next(iter(self._pages))]
-                self._pages[cache_key] = rendered
+                if self._paged >= self.cache_size:
+                    self._paged -= len(self._pages.pop(next(iter(self._pages))))
+                self._pages.setdefault(visible, {})[query] = rendered
+                self._paged += 1
         return rendered
 
     def item(self, entry: Entry) -> Rendered:
@@ -260,7 +379,7 @@ class Catalog:
                 self._items[entry.id] = rendered
         return rendered
 
-    def get(self, image_id: uuid.UUID) -> Entry | None:
+    def get(self, image_id: str) -> Entry | None:
         """The image if it is held: every Public image, and the Customized images of held orgs."""
         return self._entries.get(image_id)
 
@@ -275,56 +394,148 @@ class Catalog:
             "orgs": len(self._orgs),
         }
 
+    def _forget_answers(self, namespace: str) -> None:
+        """Drop the cached answers that show ``namespace``'s images (all of them for Public)."""
+        if namespace == PUBLIC:
+            self._cache, self._cached, self._pages, self._paged = {}, 0, {}, 0
+            return
+        answers = self._cache.pop(namespace, None)
+        if answers is not None:
+            self._cached -= len(answers)
+        pages = self._pages.pop(namespace, None)
+        if pages is not None:
+            self._paged -= len(pages)
+
     # ----------------------------------------------------------------------------------- org shelves
 
     async def load_org(self, org: str) -> Shelf:
-        """Hold the org's shelf, loading it from the database (once, however many requests ask)."""
+        """Hold the org's shelf, loading it from the database (once, however many requests ask; many
+        orgs asked for at once share one query)."""
         shelf = self.org_shelf(org)
         if shelf is not None:
             return shelf
         pending = self._loading.get(org)
         if pending is None:
             pending = self._loading[org] = asyncio.get_running_loop().create_future()
-            try:
-                namespace = await within(self.store.load_namespace(org), REFRESH_TIMEOUT)
-            except Exception as exc:
-                del self._loading[org]
-                pending.set_exception(Unavailable())
-                pending.exception()  # retrieved: waiters get it via await
-                log.warning("loading org %s failed: %s", org, exc.__class__.__name__)
-                raise Unavailable() from None
-            shelf = self._hold(org, namespace.images, namespace.revision)
-            del self._loading[org]
-            pending.set_result(shelf)
-            return shelf
-        return await asyncio.shield(pending)
+            self._wanted.append(org)
+            if len(self._loaders) < CONCURRENT_LOADS:
+                loader = asyncio.create_task(self._load_wanted(), name="org-loader")
+                self._loaders.add(loader)
+                loader.add_done_callback(self._loaders.discard)
+        try:
+            return await within(asyncio.shield(pending), REFRESH_TIMEOUT)
+        except TimeoutError:
+            log.warning("loading org %s failed: TimeoutError", org)
+            raise Unavailable() from None
 
-    def _hold(self, org: str, images: list[tuple[ImageResp, int]], revision: int) -> Shelf:
-        shelf = self._orgs.get(org)
-        if shelf is None:
-            shelf = self._orgs[org] = Shelf()
-        for image, image_revision in images:
-            self._upsert(image, image_revision)
+    async def _load_wanted(self) -> None:
+        """Load the wanted orgs, a batch per query, until none are left."""
+        while self._wanted:
+            batch = self._wanted[:LOAD_BATCH]
+            del self._wanted[:LOAD_BATCH]
+            try:
+                loaded = await within(self.store.load_namespaces(batch), REFRESH_TIMEOUT)
+            except Exception as exc:
+                log.warning("loading %d orgs failed: %s", len(batch), exc.__class__.__name__)
+                for org in batch:
+                    pending = self._loading.pop(org)
+                    pending.set_exception(Unavailable())
+                    pending.exception()  # retrieved: waiters get it via await
+                continue
+            shelves = self._hold(batch, loaded.images, loaded.revision)
+            for org in batch:
+                self._loading.pop(org).set_result(shelves[org])
+
+    def _hold(self, orgs: list[str], images: list[Stored], revision: int) -> dict[str, Shelf]:
+        """Hold these orgs' shelves, built from all of their images as of at least ``revision``."""
+        shelves: dict[str, Shelf] = {}
+        fresh: dict[str, list[Entry]] = {}  # orgs not held until now: their entries, to fill at once
+        for org in orgs:
+            shelf = self._orgs.get(org)
+            if shelf is None:
+                shelf = self._orgs[org] = Shelf()
+                fresh[org] = []
+                self._forget_answers(org)
+            shelves[org] = shelf
+        for body, image_revision in images:
+            entry = make_entry(body, image_revision)
+            found = fresh.get(entry.namespace)
+            if found is not None and entry.id not in self._entries:
+                found.append(entry)
+            else:  # its org was held already, or the image moved between orgs meanwhile: newest wins
+                self._upsert(entry)
+        for org, entries in fresh.items():
+            shelf = shelves[org]
+            if shelf:  # an image moved into it above
+                for entry in entries:
+                    self._upsert(entry)
+                continue
+            shelf.fill(entries)
+            for entry in entries:
+                self._entries[entry.id] = entry
+            self._org_images += len(entries)
+        self._rewind_to(revision)
+        self._evict(keep=shelves)
+        return shelves
+
+    def _rewind_to(self, revision: int) -> None:
+        """Fetch changes again from ``revision`` on: images held from a read at ``revision`` may have
+        missed changes the poller skipped while their org was not held. Fetching again is harmless
+        (applying is idempotent) and closes the gap; a fetch already under way must not move the
+        cursor past this point when it lands (``_rewind``)."""
         if self._cursor is None or revision < self._cursor:
-            # Changes between `revision` and the cursor may have been skipped while this org was not
-            # held; fetching them again is harmless (applying is idempotent) and closes the gap. A fetch
-            # already under way must not move the cursor past this point when it lands: `_rewind`.
             if self._cursor is not None:
                 self._cursor = revision
             self._rewind = revision if self._rewind is None else min(self._rewind, revision)
-        self._evict(keep=org)
-        return shelf
 
-    def _evict(self, keep: str) -> None:
-        while (self._org_images > self.max_images or len(self._orgs) > self.max_orgs) and len(self._orgs) > 1:
+    def _evict(self, keep: Iterable[str] = ()) -> None:
+        kept = set(keep)
+        while (self._org_images > self.max_images or len(self._orgs) > self.max_orgs) and len(
+            self._orgs
+        ) > len(kept):
             org, shelf = next(iter(self._orgs.items()))
-            if org == keep:
+            if org in kept:
                 self._orgs.move_to_end(org)
                 continue
             del self._orgs[org]
             for entry in shelf.all:
                 del self._entries[entry.id]
             self._org_images -= len(shelf)
+            self._forget_answers(org)
+            self.complete = False  # an org not held may have images again
+
+    async def preload(self, batch: int = 10_000) -> None:
+        """Warm start: hold every org's Customized images that fit the bounds (whole orgs, in namespace
+        order). When all fit, the catalog is complete (see the module docstring)."""
+        started = time.monotonic()
+        everything = True
+        async with contextlib.aclosing(self.store.customized(batch)) as batches:
+            async for revision, rows in batches:
+                by_org: dict[str, list[Stored]] = {}
+                for namespace, stored in rows:
+                    by_org.setdefault(namespace, []).append(stored)
+                room = min(self.max_orgs - len(self._orgs), len(by_org))
+                orgs = list(by_org)[:room]
+                taken: list[str] = []
+                for org in orgs:
+                    if self._org_images + len(taken) + len(by_org[org]) > self.max_images:
+                        break
+                    taken.append(org)
+                if taken:
+                    self._hold(taken, [stored for org in taken for stored in by_org[org]], revision)
+                if len(taken) < len(by_org):
+                    everything = False
+                    break
+                await asyncio.sleep(0)  # let the loop breathe between batches
+        self.complete = everything
+        held = self.held()
+        log.info(
+            "preloaded %d Customized images of %d orgs in %.2fs%s",
+            held[ImageType.CUSTOMIZED.value],
+            held["orgs"],
+            time.monotonic() - started,
+            " (all of them)" if everything else " (the bounds hold no more; others load on first use)",
+        )
 
     # ---------------------------------------------------------------------------------- freshness
 
@@ -364,7 +575,6 @@ class Catalog:
             try:
                 if self._cursor is None:
                     public = await self.store.load_namespace(PUBLIC)
-                    changes = Changes(revision=public.revision, upserted=public.images, deleted=[])
                 else:
                     changes = await self.store.changes_since(self._cursor)
             except BaseException:
@@ -372,8 +582,24 @@ class Catalog:
                 if self.on_refresh_failure is not None:
                     self.on_refresh_failure()
                 raise
+            if self._cursor is None:
+                self._hold_public(public.images)
+                changes = Changes(revision=public.revision, upserted=[], deleted=[])
             self.apply(changes)
             self.confirmed_at = started
+
+    def _hold_public(self, images: list[Stored]) -> None:
+        """The first load of the Public images (one sort, however many)."""
+        entries = [make_entry(body, revision) for body, revision in images]
+        if self._public:
+            for entry in entries:
+                self._upsert(entry)
+            return
+        entries = [entry for entry in entries if entry.id not in self._entries]
+        self._public.fill(entries)
+        for entry in entries:
+            self._entries[entry.id] = entry
+        self._forget_answers(PUBLIC)
 
     def apply(self, changes: Changes) -> None:
         """Apply changes to what is held (images of orgs not held are skipped: they load fresh)."""
@@ -381,33 +607,31 @@ class Catalog:
             entry = self._entries.get(image_id)
             if entry is not None and entry.revision < revision:
                 self._discard(entry)
-        for image, revision in changes.upserted:
-            self._upsert(image, revision)
-        if changes.revision != self.revision or changes.upserted or changes.deleted:
-            self._cache = {}
-            self._pages = {}
+        for body, revision in changes.upserted:
+            self._upsert(make_entry(body, revision))
         self.revision = max(changes.revision, self.revision or 0)
         self._cursor = changes.revision if self._rewind is None else min(changes.revision, self._rewind)
         self._rewind = None
-        self._evict(keep="")
+        self._evict()
 
-    def _upsert(self, image: ImageResp, revision: int) -> None:
-        current = self._entries.get(image.id)
+    def _upsert(self, entry: Entry) -> None:
+        current = self._entries.get(entry.id)
         if current is not None:
-            if current.revision >= revision:
+            if current.revision >= entry.revision:
                 return
             self._discard(current)
-        if image.type is ImageType.PUBLIC:
-            shelf = self._public
+        if entry.namespace == PUBLIC:
+            self._public.add(entry)
         else:
-            held = self._orgs.get(str(image.orgId))
-            if held is None:
-                return
-            shelf = held
+            shelf = self._orgs.get(entry.namespace)
+            if shelf is None:
+                if not self.complete:
+                    return
+                shelf = self._orgs[entry.namespace] = Shelf()  # a complete catalog holds every org
+            shelf.add(entry)
             self._org_images += 1
-        entry = make_entry(image, revision)
         self._entries[entry.id] = entry
-        shelf.add(entry)
+        self._forget_answers(entry.namespace)
 
     def _discard(self, entry: Entry) -> None:
         del self._entries[entry.id]
@@ -416,6 +640,7 @@ class Catalog:
         else:
             self._orgs[entry.namespace].remove(entry)
             self._org_images -= 1
+        self._forget_answers(entry.namespace)
 
     # ------------------------------------------------------------------------------ background tasks
 

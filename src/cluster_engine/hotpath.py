@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -161,12 +160,12 @@ class ListImages(_ReadEndpoint):
 class GetImage(_ReadEndpoint):
     def __init__(self) -> None:
         super().__init__()
-        self._ids: dict[str, uuid.UUID] = {}  # path segment -> parsed id, for ids asked for again
+        self._ids: dict[str, str] = {}  # path segment -> canonical id, for ids asked for again
 
-    def _image_id(self, raw: str) -> uuid.UUID:
+    def _image_id(self, raw: str) -> str:
         image_id = self._ids.get(raw)
         if image_id is None:
-            image_id = validation.image_id(raw)  # raises RequestInvalid: not cached
+            image_id = str(validation.image_id(raw))  # raises RequestInvalid: not cached
             if len(self._ids) >= _QUERY_CACHE_SIZE:
                 self._ids.clear()
             self._ids[raw] = image_id

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .db import audit_log, catalog_state, create_engine, deleted_images, image_products, images
+from .db import audit_log, catalog_state, create_engine, deleted_images, images
 from .errors import Conflict, NotFound, RequestInvalid
-from .schemas import ImageCreateReq, ImageResp, ImageType, Partition
+from .schemas import ImageCreateReq, ImageResp, ImageType, Partition, json_encoder
 from .validation import CatalogEntry, detail
 
 PUBLIC_NAMESPACE = "public"
@@ -42,7 +42,35 @@ def _utc(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
-_partitions = msgspec.json.Decoder(list[Partition])
+_image_decoder = msgspec.json.Decoder(ImageResp)
+
+
+def image_of_body(body: bytes) -> ImageResp:
+    """The image as stored in its row's ``body`` (the served JSON)."""
+    return _image_decoder.decode(body)
+
+
+def make_image(
+    image_id: uuid.UUID, image_type: ImageType, spec: ImageCreateReq, created_at: dt.datetime
+) -> ImageResp:
+    """The image as it will be served, from its validated fields (before it is written)."""
+    return ImageResp(
+        id=image_id,
+        type=image_type,
+        orgId=spec.orgId,
+        idc=spec.idc,
+        name=spec.name,
+        path=spec.path,
+        OSSeries=spec.OSSeries,
+        OSVersion=spec.OSVersion,
+        OSArchitecture=spec.OSArchitecture,
+        BootMode=spec.BootMode,
+        SystemDiskSize=spec.SystemDiskSize,
+        DefaultPartitionTable=list(spec.DefaultPartitionTable),
+        icon=spec.icon,
+        supportedProducts=list(spec.supportedProducts),
+        createdAt=_utc(created_at),
+    )
 
 
 def image_from_row(row: Any) -> ImageResp:
@@ -83,6 +111,10 @@ def _columns(spec: ImageCreateReq) -> dict[str, Any]:
     }
 
 
+# An image as stored: its served JSON (``images.body``) and the revision that last wrote it.
+Stored = tuple[bytes, int]
+
+
 @dataclass(frozen=True, slots=True)
 class Changes:
     """What changed after a given revision, up to and including ``revision``.
@@ -92,16 +124,28 @@ class Changes:
     """
 
     revision: int
-    upserted: list[tuple[ImageResp, int]]
-    deleted: list[tuple[uuid.UUID, int]]
+    upserted: list[Stored]
+    deleted: list[tuple[str, int]]  # (canonical id, revision)
 
 
 @dataclass(frozen=True, slots=True)
 class Namespace:
-    """All images of one namespace (Public, or one org's Customized) as of at least ``revision``."""
+    """All images of some namespaces (Public, or orgs' Customized) as of at least ``revision``."""
 
     revision: int
-    images: list[tuple[ImageResp, int]]
+    images: list[Stored]
+
+
+# An org load: the revision row (body NULL) and the namespaces' images, in one statement (one snapshot).
+# The unique index (namespace, idc, name) serves the namespace lookup.
+_LOAD_SQLITE = (
+    "SELECT NULL, revision FROM catalog_state WHERE id = 1"
+    " UNION ALL SELECT body, revision FROM images WHERE namespace IN ({marks})"
+)
+_LOAD_POSTGRES = (
+    "SELECT NULL::bytea, revision FROM catalog_state WHERE id = 1"
+    " UNION ALL SELECT body, revision FROM images WHERE namespace = ANY(%s)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +225,9 @@ class Store:
             window = (since, revision)
             rows = (
                 await conn.execute(
-                    sa.select(images).where(images.c.revision > window[0], images.c.revision <= window[1])
+                    sa.select(images.c.body, images.c.revision).where(
+                        images.c.revision > window[0], images.c.revision <= window[1]
+                    )
                 )
             ).all()
             deleted = (
@@ -193,16 +239,64 @@ class Store:
             ).all()
         return Changes(
             revision=revision,
-            upserted=[(image_from_row(r), int(r.revision)) for r in rows],
-            deleted=[(r.id, int(r.revision)) for r in deleted],
+            upserted=[(r.body, int(r.revision)) for r in rows],
+            deleted=[(str(r.id), int(r.revision)) for r in deleted],
         )
 
     async def load_namespace(self, namespace: str) -> Namespace:
         """Every image of a namespace; rows written up to the returned revision are all included."""
+        return await self.load_namespaces([namespace])
+
+    async def load_namespaces(self, namespaces: Sequence[str]) -> Namespace:
+        """Every image of these namespaces and the revision they are complete for, in one statement (so
+        one snapshot, one round trip) on the driver's own connection: this is the cold path of an org's
+        first request, and SQLAlchemy's layers cost more than the query itself here."""
         async with self.engine.connect() as conn:
-            revision = await self._current_revision(conn)  # read first: later rows are only newer
-            rows = (await conn.execute(sa.select(images).where(images.c.namespace == namespace))).all()
-        return Namespace(revision=revision, images=[(image_from_row(r), int(r.revision)) for r in rows])
+            driver: Any = (await conn.get_raw_connection()).driver_connection
+            if self.is_postgres:
+                cursor = await driver.execute(_LOAD_POSTGRES, (list(namespaces),))
+                rows = await cursor.fetchall()
+            else:
+                marks = ",".join("?" * len(namespaces))
+                rows = await driver.execute_fetchall(_LOAD_SQLITE.format(marks=marks), tuple(namespaces))
+        revision = None
+        stored: list[Stored] = []
+        for body, row_revision in rows:
+            if body is None:
+                revision = int(row_revision)
+            else:
+                stored.append((bytes(body), int(row_revision)))
+        if revision is None:
+            raise RuntimeError("catalog_state is empty: the database is not migrated")
+        return Namespace(revision=revision, images=stored)
+
+    async def customized(
+        self, batch: int = 10_000
+    ) -> AsyncGenerator[tuple[int, list[tuple[str, Stored]]], None]:
+        """Every Customized image, grouped by org namespace in namespace order, in batches that never split
+        an org: (revision, [(namespace, stored)…]). Rows written up to the first batch's revision are all
+        included; for warm starts (see ``Catalog.preload``)."""
+        async with self.engine.connect() as conn:
+            revision = await self._current_revision(conn)
+            query = (
+                sa.select(images.c.namespace, images.c.body, images.c.revision)
+                .where(images.c.namespace != PUBLIC_NAMESPACE)
+                .order_by(images.c.namespace)
+            )
+            result = await conn.stream(query.execution_options(yield_per=batch))
+            pending: list[tuple[str, Stored]] = []
+            async for rows in result.partitions(batch):
+                for row in rows:
+                    pending.append((row.namespace, (row.body, int(row.revision))))
+                last = pending[-1][0]
+                cut = len(pending)
+                while cut and pending[cut - 1][0] == last:  # keep the last org whole for the next batch
+                    cut -= 1
+                if cut:
+                    yield revision, pending[:cut]
+                    del pending[:cut]
+            if pending:
+                yield revision, pending
 
     async def schema_revision(self) -> str | None:
         """The migration the database is at (None before the first)."""
@@ -236,20 +330,6 @@ class Store:
             # have. This transaction's COMMIT waits for the standby (or for the HA manager to drop it).
             await conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
         return revision
-
-    @staticmethod
-    async def _set_products(
-        conn: AsyncConnection, pairs: Iterable[tuple[uuid.UUID, list[str]]], *, fresh: bool = False
-    ) -> None:
-        pairs = list(pairs)
-        if not pairs:
-            return
-        if not fresh:  # new images have no rows yet
-            for chunk in _chunks([i for i, _ in pairs], 500):
-                await conn.execute(image_products.delete().where(image_products.c.image_id.in_(chunk)))
-        rows = [{"image_id": i, "product": p} for i, products in pairs for p in products]
-        if rows:
-            await conn.execute(image_products.insert(), rows)
 
     @staticmethod
     async def _audit(
@@ -286,7 +366,7 @@ class Store:
     async def create_image(self, spec: ImageCreateReq, image_type: ImageType, actor: Actor) -> ImageResp:
         """Insert one image; the database's unique constraint decides duplicates (no check-then-insert)."""
         now = utcnow()
-        image_id = uuid.uuid4()
+        image = make_image(uuid.uuid4(), image_type, spec, now)
         try:
             async with self.engine.begin() as conn:
                 revision = await self._bump(conn)
@@ -294,15 +374,14 @@ class Store:
                     **_columns(spec),
                     "type": image_type.value,
                     "namespace": namespace_of(image_type, spec.orgId),
+                    "body": json_encoder.encode(image),
                 }
                 await conn.execute(
                     images.insert().values(
-                        id=image_id, created_at=now, updated_at=now, revision=revision, **values
+                        id=image.id, created_at=now, updated_at=now, revision=revision, **values
                     )
                 )
-                await self._set_products(conn, [(image_id, spec.supportedProducts)], fresh=True)
-                image = image_from_row(await self._row(conn, image_id, lock=False))
-                await self._audit(conn, revision, actor, [("create", image_id, _snapshot(image))])
+                await self._audit(conn, revision, actor, [("create", image.id, _snapshot(image))])
         except IntegrityError:
             raise Conflict(DUPLICATE) from None
         return image
@@ -317,19 +396,18 @@ class Store:
                 row = await self._row(conn, image_id, lock=True)
                 if row is None:
                     raise NotFound(IMAGE_NOT_FOUND)
-                before = image_from_row(row)
+                before = image_of_body(row.body)
                 spec = change(before)
                 values = {**_columns(spec), "namespace": namespace_of(before.type, spec.orgId)}
                 if all(_same(row._mapping[k], v) for k, v in values.items()):
                     await conn.rollback()
                     return before
+                after = make_image(image_id, before.type, spec, before.createdAt)
                 await conn.execute(
                     images.update()
                     .where(images.c.id == image_id)
-                    .values(updated_at=utcnow(), revision=revision, **values)
+                    .values(updated_at=utcnow(), revision=revision, body=json_encoder.encode(after), **values)
                 )
-                await self._set_products(conn, [(image_id, spec.supportedProducts)])
-                after = image_from_row(await self._row(conn, image_id, lock=False))
                 await self._audit(conn, revision, actor, [("update", image_id, _diff(before, after))])
         except IntegrityError:
             raise Conflict(DUPLICATE) from None
@@ -344,7 +422,7 @@ class Store:
             row = await self._row(conn, image_id, lock=True)
             if row is None:
                 raise NotFound(IMAGE_NOT_FOUND)
-            image = image_from_row(row)
+            image = image_of_body(row.body)
             check(image)
             await self._delete(conn, revision, [image_id])
             await self._audit(conn, revision, actor, [("delete", image_id, _snapshot(image))])
@@ -352,7 +430,6 @@ class Store:
 
     @staticmethod
     async def _delete(conn: AsyncConnection, revision: int, ids: Sequence[uuid.UUID]) -> None:
-        await conn.execute(image_products.delete().where(image_products.c.image_id.in_(ids)))
         await conn.execute(images.delete().where(images.c.id.in_(ids)))
         await conn.execute(deleted_images.delete().where(deleted_images.c.id.in_(ids)))
         await conn.execute(deleted_images.insert(), [{"id": i, "revision": revision} for i in ids])
@@ -380,6 +457,7 @@ class Store:
                 inserts: list[dict[str, Any]] = []
                 updates: list[dict[str, Any]] = []
                 audit: list[tuple[str, uuid.UUID, dict[str, Any]]] = []
+                after: dict[uuid.UUID, ImageResp] = {}  # created and updated images as they will be served
                 claimed: dict[uuid.UUID, int] = {}  # existing image id → the entry that updates it
                 final = {(row.namespace, row.idc, row.name) for row in existing}  # identities after import
                 for index, entry in enumerate(entries):
@@ -392,6 +470,9 @@ class Store:
                     values = {**_columns(entry.spec), "type": entry.type.value, "namespace": namespace}
                     if row is None:
                         image_id = entry.id or uuid.uuid4()
+                        image = after[image_id] = make_image(
+                            image_id, entry.type, entry.spec, entry.created_at or now
+                        )
                         inserts.append(
                             {
                                 **values,
@@ -399,6 +480,7 @@ class Store:
                                 "created_at": entry.created_at or now,
                                 "updated_at": now,
                                 "revision": revision,
+                                "body": json_encoder.encode(image),
                             }
                         )
                         report.created.append(image_id)
@@ -422,7 +504,13 @@ class Store:
                     if all(_same(current[k], v) for k, v in values.items()):
                         report.unchanged.append(row.id)
                         continue
-                    updates.append({**values, "b_id": row.id, "updated_at": now, "revision": revision})
+                    image = after[row.id] = make_image(
+                        row.id, entry.type, entry.spec, entry.created_at or _utc(row.created_at)
+                    )
+                    body = json_encoder.encode(image)
+                    updates.append(
+                        {**values, "b_id": row.id, "updated_at": now, "revision": revision, "body": body}
+                    )
                     report.updated.append(row.id)
                 if prune:
                     report.deleted = [
@@ -457,15 +545,6 @@ class Store:
                     await conn.execute(images.update().where(images.c.id == sa.bindparam("b_id")), updates)
                 if inserts:
                     await conn.execute(images.insert(), inserts)
-                await self._set_products(
-                    conn, [(r["id"], r["supported_products"]) for r in inserts], fresh=True
-                )
-                await self._set_products(conn, [(r["b_id"], r["supported_products"]) for r in updates])
-                changed = [*report.created, *report.updated]
-                after = {}
-                for chunk in _chunks(changed, 500):
-                    rows = (await conn.execute(sa.select(images).where(images.c.id.in_(chunk)))).all()
-                    after.update({row.id: image_from_row(row) for row in rows})
                 audit += [("create", i, _snapshot(after[i])) for i in report.created]
                 audit += [("update", i, _diff(image_from_row(by_id[i]), after[i])) for i in report.updated]
                 audit += [("delete", i, _snapshot(image_from_row(by_id[i]))) for i in report.deleted]
@@ -480,8 +559,9 @@ class Store:
 
     async def export_catalog(self) -> list[ImageResp]:
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(sa.select(images).order_by(images.c.created_at, images.c.id))).all()
-        return [image_from_row(row) for row in rows]
+            query = sa.select(images.c.body).order_by(images.c.created_at, images.c.id)
+            rows = (await conn.execute(query)).all()
+        return [image_of_body(row.body) for row in rows]
 
     async def audit_entries(
         self, *, since: dt.datetime | None = None, image_id: uuid.UUID | None = None, limit: int = 1000
@@ -505,11 +585,6 @@ class Store:
             }
             for row in reversed(rows)
         ]
-
-
-def _chunks(items: Sequence[uuid.UUID], size: int) -> Iterator[Sequence[uuid.UUID]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _snapshot(image: ImageResp) -> dict[str, Any]:
