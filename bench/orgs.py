@@ -727,6 +727,25 @@ def render_report(
                 f" {_count(hook)} | {write_cells} | {_med([m.startup_s for m in runs]):.1f} |"
                 f" {'?' if math.isnan(rss) else f'{rss / 1024:.0f}'} |"
             )
+        if opts.rounds > 1:
+            lines += [
+                "",
+                "Per round (the medians above are of these"
+                + ("; with 2 rounds a median is their mean):" if opts.rounds == 2 else "):"),
+                "",
+                "| scenario | "
+                + " | ".join(f"round {i + 1} req/s (p99 ms)" for i in range(opts.rounds))
+                + " |",
+                "|---|" + "---:|" * opts.rounds,
+            ]
+            for key in SCENARIOS:
+                by_round = {m.round: m.run.result for m in r.of(key)}
+                if by_round:
+                    cells = [
+                        f"{by_round[i].rps:,.0f} ({by_round[i].p99_ms:.1f})" if i in by_round else "-"
+                        for i in range(opts.rounds)
+                    ]
+                    lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
         left = sum(m.writes.left for m in r.runs if m.writes)
         if left:
             lines += [
@@ -784,7 +803,7 @@ def render_report(
                 + ", ".join(f"{m.run.max_ms:,.0f} ms" for m in restarts)
                 + "; p99 "
                 + ", ".join(f"{m.run.result.p99_ms:,.1f} ms" for m in restarts),
-                f"- wrk started {', '.join(f'{d * 1000:.0f} ms' for d in delays)} after readiness was seen"
+                f"- wrk launched {', '.join(f'{d * 1000:.0f} ms' for d in delays)} after readiness was seen"
                 f" (polled every 0.1 s); timer {restarts[0].run.clock}",
             ]
     return "\n".join(lines) + "\n"
