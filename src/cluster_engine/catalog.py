@@ -107,17 +107,30 @@ def _created_key(created: str) -> str:
     return moment.replace(tzinfo=None).isoformat(timespec="microseconds")
 
 
+# Product lists are shared between entries that have the same one (a catalog has few distinct lists).
+_product_lists: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _products(listed: list[str]) -> tuple[str, ...]:
+    products = tuple(listed)
+    shared = _product_lists.get(products)
+    if shared is None:
+        if len(_product_lists) >= 100_000:  # arbitrary lists from writes: stay bounded
+            _product_lists.clear()
+        shared = _product_lists[products] = tuple([sys.intern(p) for p in products])
+    return shared
+
+
 def make_entry(body: bytes, revision: int) -> Entry:
     """An entry from an image's stored body (its served JSON)."""
-    intern = sys.intern
     fields = _indexed.decode(body)
     return Entry(
         fields.id,
         body,
         (_created_key(fields.createdAt), fields.id),
-        PUBLIC if fields.type == "Public" else intern(fields.orgId),
-        intern(fields.idc),
-        tuple([intern(p) for p in fields.supportedProducts]),
+        PUBLIC if fields.type == "Public" else sys.intern(fields.orgId),
+        sys.intern(fields.idc),
+        _products(fields.supportedProducts),
         revision,
     )
 
@@ -232,7 +245,7 @@ class Shelf:
         return len(self.all)
 
 
-EMPTY = Shelf()  # what a complete catalog answers for an org it does not hold (never written to)
+EMPTY = Shelf()  # what a complete catalog answers for an org it does not hold (never given images)
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,7 +80,7 @@ class Settings:
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_leeway: float = 0.0
-    token_cache_size: int = 10_000
+    token_cache_size: int = 50_000
     freshness_bound: float = 1.0
     poll_interval: float = 0.25
     response_cache_size: int = 4096
@@ -152,14 +152,16 @@ SETTINGS: tuple[Setting, ...] = (
         "CE_RESPONSE_CACHE_SIZE",
         "response_cache_size",
         _int("CE_RESPONSE_CACHE_SIZE", 0, 10_000_000),
-        "Serialized list responses kept per catalog revision.",
+        "Serialized list answers kept (whole lists and pages, each); a change drops only the answers "
+        "that show the images it touched.",
     ),
     Setting(
         "CE_CACHE_IMAGES",
         "cache_images",
         _int("CE_CACHE_IMAGES", 0, 100_000_000),
-        "Customized images held in memory at most (least recently used orgs are dropped and reloaded "
-        "from the database on their next request); Public images are always held.",
+        "Customized images held in memory at most (about 1 KB each; least recently used orgs are dropped "
+        "and reloaded from the database on their next request); Public images are always held. A worker "
+        "holds every org that fits before it is ready.",
     ),
     Setting(
         "CE_HTTP_HEADER_TIMEOUT",

@@ -1,0 +1,284 @@
+"""The read model under many orgs: coalesced cold loads, warm starts, and invalidation by visible set.
+
+In process over the property tests' ``FakeStore`` (counting its calls), then against real SQLite and
+PostgreSQL for the store's side of the same contract (one statement per batch of orgs, warm-start batches
+that keep an org whole).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from cluster_engine import catalog as read_model
+from cluster_engine import db
+from cluster_engine.catalog import Catalog
+from cluster_engine.schemas import ImageResp, ImageType
+from cluster_engine.store import Namespace, Store
+from cluster_engine.validation import read_catalog_entries
+
+from .conftest import STORES, Databases
+from .test_properties import BASE, FakeStore, version
+
+ORG_COUNT = 40
+
+
+def org(n: int) -> uuid.UUID:
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"org-{n}")
+
+
+def image(
+    n: int, owner: uuid.UUID, kind: ImageType = ImageType.CUSTOMIZED, idc: str = "us-west-1"
+) -> ImageResp:
+    return msgspec.structs.replace(
+        version(uuid.uuid5(uuid.NAMESPACE_URL, f"image-{owner}-{n}"), f"image-{n}", kind),
+        orgId=owner,
+        idc=idc,
+        createdAt=BASE + dt.timedelta(seconds=n),
+    )
+
+
+class CountingStore(FakeStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads: list[list[str]] = []
+
+    async def load_namespaces(self, namespaces: list[str]) -> Namespace:
+        self.loads.append(list(namespaces))
+        await asyncio.sleep(0.01)  # a query takes a while: requests arriving meanwhile queue up
+        return await super().load_namespaces(namespaces)
+
+
+def populated(orgs: int = ORG_COUNT, per_org: int = 3) -> CountingStore:
+    store = CountingStore()
+    store.write(tuple(image(n, org(0), ImageType.PUBLIC) for n in range(2)), ())
+    for o in range(1, orgs + 1):
+        store.write(tuple(image(n, org(o)) for n in range(per_org)), ())
+    return store
+
+
+def names(rendered: Any) -> list[str]:
+    return [item["name"] for item in json.loads(rendered.body)]
+
+
+# ---------------------------------------------------------------------------------------- cold loads
+
+
+def test_a_burst_of_first_requests_shares_few_queries() -> None:
+    async def run() -> None:
+        store = populated()
+        catalog = Catalog(store)  # type: ignore[arg-type]
+        await catalog.refresh()
+        store.loads.clear()
+        shelves = await asyncio.gather(*(catalog.load_org(str(org(o))) for o in range(1, ORG_COUNT + 1)))
+        assert [len(shelf) for shelf in shelves] == [3] * ORG_COUNT
+        # requests arriving together share one query (the second loader finds nothing left to take)
+        assert len(store.loads) == 1
+        assert sorted(o for batch in store.loads for o in batch) == sorted(
+            str(org(o)) for o in range(1, ORG_COUNT + 1)
+        )
+
+    asyncio.run(run())
+
+
+def test_loads_never_wait_behind_a_batch_larger_than_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(read_model, "LOAD_BATCH", 4)
+
+    async def run() -> None:
+        store = populated()
+        catalog = Catalog(store)  # type: ignore[arg-type]
+        await catalog.refresh()
+        store.loads.clear()
+        await asyncio.gather(*(catalog.load_org(str(org(o))) for o in range(1, ORG_COUNT + 1)))
+        assert max(len(batch) for batch in store.loads) == 4
+        assert catalog.held()["orgs"] == ORG_COUNT
+
+    asyncio.run(run())
+
+
+def test_a_failed_batch_answers_every_waiter_unavailable_and_the_next_request_retries() -> None:
+    class Failing(CountingStore):
+        fail = False
+
+        async def load_namespaces(self, namespaces: list[str]) -> Namespace:
+            if self.fail:
+                raise OSError("connection refused")
+            return await super().load_namespaces(namespaces)
+
+    async def run() -> None:
+        store = Failing()
+        store.write((image(0, org(1)),), ())
+        catalog = Catalog(store)  # type: ignore[arg-type]
+        await catalog.refresh()
+        store.fail = True
+        outcomes = await asyncio.gather(
+            *(catalog.load_org(str(org(1))) for _ in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(o, read_model.Unavailable) for o in outcomes)
+        store.fail = False
+        assert len(await catalog.load_org(str(org(1)))) == 1
+
+    asyncio.run(run())
+
+
+# ---------------------------------------------------------------------------------------- warm start
+
+
+def test_preload_holds_every_org_and_a_complete_catalog_needs_no_query_for_others() -> None:
+    async def run() -> None:
+        store = populated()
+        catalog = Catalog(store)  # type: ignore[arg-type]
+        await catalog.refresh()
+        store.loads.clear()
+        await catalog.preload(batch=7)
+        assert catalog.complete and catalog.held() == {
+            "Public": 2,
+            "Customized": 3 * ORG_COUNT,
+            "orgs": ORG_COUNT,
+        }
+        stranger = str(uuid.uuid4())
+        own = catalog.org_shelf(stranger)
+        assert own is not None and len(own) == 0
+        assert names(catalog.list_images(stranger, own, None, None)) == ["image-0", "image-1"]
+        # a new org's first image arrives through the changes: held, since the catalog is complete
+        newcomer = uuid.uuid4()
+        store.write((image(9, newcomer),), ())
+        await catalog.refresh()
+        shelf = catalog.org_shelf(str(newcomer))
+        assert shelf is not None and len(shelf) == 1
+        assert store.loads == []
+
+    asyncio.run(run())
+
+
+def test_preload_stops_at_the_bounds_with_whole_orgs_and_the_rest_load_on_first_use() -> None:
+    async def run() -> None:
+        store = populated()
+        catalog = Catalog(store, max_images=10)  # type: ignore[arg-type]
+        await catalog.refresh()
+        await catalog.preload(batch=2)
+        assert not catalog.complete
+        assert catalog.held()["Customized"] == 9  # three whole orgs of three; a fourth would not fit
+        unheld = [str(org(o)) for o in range(1, ORG_COUNT + 1) if catalog.org_shelf(str(org(o))) is None]
+        assert len(unheld) == ORG_COUNT - 3
+        assert len(await catalog.load_org(unheld[0])) == 3
+
+    asyncio.run(run())
+
+
+def test_eviction_ends_completeness() -> None:
+    async def run() -> None:
+        store = populated(orgs=3)
+        catalog = Catalog(store, max_images=9)  # type: ignore[arg-type]
+        await catalog.refresh()
+        await catalog.preload()
+        assert catalog.complete
+        store.write((image(5, org(1)),), ())  # a tenth image: some org must go
+        await catalog.refresh()
+        assert not catalog.complete and catalog.held()["Customized"] <= 9
+
+    asyncio.run(run())
+
+
+# --------------------------------------------------------------------------------------- invalidation
+
+
+def test_a_customized_write_drops_only_that_orgs_answers() -> None:
+    async def run() -> None:
+        store = populated(orgs=2)
+        catalog = Catalog(store)  # type: ignore[arg-type]
+        await catalog.refresh()
+        await catalog.preload()
+        a, b = str(org(1)), str(org(2))
+        shelf_a, shelf_b = catalog.org_shelf(a), catalog.org_shelf(b)
+        assert shelf_a is not None and shelf_b is not None
+        answer_a = catalog.list_images(a, shelf_a, "us-west-1", None)
+        answer_b = catalog.list_images(b, shelf_b, "us-west-1", None)
+        store.write((image(7, org(1)),), ())
+        await catalog.refresh()
+        assert catalog.list_images(b, shelf_b, "us-west-1", None) is answer_b  # untouched: still cached
+        again_a = catalog.list_images(a, shelf_a, "us-west-1", None)
+        assert again_a is not answer_a and "image-7" in names(again_a)
+        store.write((image(8, org(0), ImageType.PUBLIC),), ())  # everyone sees Public images
+        await catalog.refresh()
+        assert "image-8" in names(catalog.list_images(b, shelf_b, "us-west-1", None))
+
+    asyncio.run(run())
+
+
+def test_callers_with_nothing_of_their_own_in_a_selection_share_the_public_answer() -> None:
+    async def run() -> None:
+        store = populated(orgs=2)
+        store.write((image(3, org(2), idc="eu-1"),), ())
+        catalog = Catalog(store)  # type: ignore[arg-type]
+        await catalog.refresh()
+        await catalog.preload()
+        shelf_1, shelf_2 = catalog.org_shelf(str(org(1))), catalog.org_shelf(str(org(2)))
+        assert shelf_1 is not None and shelf_2 is not None
+        first = catalog.list_images(str(org(1)), shelf_1, "eu-1", None)
+        assert catalog.list_images("someone-else", read_model.EMPTY, "eu-1", None) is first
+        assert "image-3" in names(catalog.list_images(str(org(2)), shelf_2, "eu-1", None))
+
+    asyncio.run(run())
+
+
+# ------------------------------------------------------------------------------------- real databases
+
+
+def _catalog_entries(orgs: int, per_org: int) -> list[dict[str, Any]]:
+    entries = []
+    for o in range(orgs + 1):
+        for n in range(per_org):
+            body = msgspec.to_builtins(image(n, org(o), ImageType.PUBLIC if o == 0 else ImageType.CUSTOMIZED))
+            entries.append({**body, "createdAt": body["createdAt"]})
+    return entries
+
+
+@pytest.mark.parametrize("store_kind", STORES)
+def test_the_store_loads_many_orgs_in_one_statement_and_warm_starts_in_whole_orgs(
+    store_kind: str, databases: Databases, tmp_path: Path
+) -> None:
+    url = databases.url(store_kind, tmp_path)
+    db.upgrade(url)
+    entries = _catalog_entries(orgs=12, per_org=5)
+
+    async def run() -> None:
+        store = Store.open(url)
+        try:
+            report = await store.import_catalog(read_catalog_entries(entries))
+            wanted = [str(org(o)) for o in (3, 4, 11)] + [str(uuid.uuid4())]
+            loaded = await store.load_namespaces(wanted)
+            assert loaded.revision == report.revision
+            got = sorted(json.loads(body)["id"] for body, _ in loaded.images)
+            assert got == sorted(e["id"] for e in entries if e["orgId"] in wanted[:3])
+            assert all(revision == report.revision for _, revision in loaded.images)
+            served = {e["id"]: e for e in entries}
+            for body, _ in loaded.images:  # the stored body is the served JSON
+                assert json.loads(body) == {
+                    **served[json.loads(body)["id"]],
+                    "createdAt": json.loads(body)["createdAt"],
+                }
+            batches = [rows async for _, rows in store.customized(batch=7)]
+            seen: list[str] = []
+            for rows in batches:
+                orgs_here = [namespace for namespace, _ in rows]
+                assert orgs_here == sorted(orgs_here)
+                assert not set(orgs_here) & set(seen), "an org was split between batches"
+                seen += dict.fromkeys(orgs_here)
+            assert len(seen) == 12 and sum(len(rows) for rows in batches) == 60
+
+            catalog = Catalog(store)
+            await catalog.refresh()
+            await catalog.preload(batch=7)
+            assert catalog.complete and catalog.held()["Customized"] == 60
+        finally:
+            await store.close()
+
+    asyncio.run(run())
