@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+SPREAD_ORGS = 2500  # tokens rotated through by the "spread" case
 
 
 def prepare() -> tuple[Any, str, Any]:
@@ -47,6 +48,8 @@ def prepare() -> tuple[Any, str, Any]:
 
 
 async def measure(settings: Any, secret: str, info: Any, requests: int) -> None:
+    import run as bench
+
     from cluster_engine.app import create_app
     from cluster_engine.auth import mint_token
 
@@ -75,7 +78,9 @@ async def measure(settings: Any, secret: str, info: Any, requests: int) -> None:
         if message["type"] == "http.response.start":
             sent.append(message["status"])
 
-    def scope(path: str, query: bytes, extra: list[tuple[bytes, bytes]] = ()) -> dict[str, Any]:
+    def scope(
+        path: str, query: bytes, extra: list[tuple[bytes, bytes]] = (), bearer: str | None = None
+    ) -> dict[str, Any]:
         return {
             "type": "http",
             "asgi": {"version": "3.0"},
@@ -88,7 +93,7 @@ async def measure(settings: Any, secret: str, info: Any, requests: int) -> None:
             "root_path": "",
             "headers": [
                 (b"host", b"127.0.0.1:8080"),
-                (b"authorization", f"Bearer {token}".encode()),
+                (b"authorization", f"Bearer {bearer or token}".encode()),
                 *extra,
             ],
             "client": ("127.0.0.1", 5000),
@@ -111,13 +116,20 @@ async def measure(settings: Any, secret: str, info: Any, requests: int) -> None:
     await app(cases["filtered"], receive, capture)
     etag = dict(headers)[b"etag"]
     cases["304"] = scope("/v1/images", filtered, [(b"if-none-match", etag)])
-    for name, case in cases.items():
-        for _ in range(1000):
-            await app(dict(case), receive, send)
+    # the filtered list with a different org's token on every request (the benchmark's orgs first, then
+    # orgs without Customized images), as traffic from many consoles arrives
+    spread = [
+        scope("/v1/images", filtered, bearer=mint_token(secret, bench.org_id(n))) for n in range(SPREAD_ORGS)
+    ]
+    runs: dict[str, list[dict[str, Any]]] = {name: [case] for name, case in cases.items()}
+    runs["spread"] = spread
+    for name, rotation in runs.items():
+        for n in range(max(1000, len(rotation))):
+            await app(dict(rotation[n % len(rotation)]), receive, send)
         sent.clear()
         began = time.process_time()
-        for _ in range(requests):
-            await app(dict(case), receive, send)
+        for n in range(requests):
+            await app(dict(rotation[n % len(rotation)]), receive, send)
         spent = time.process_time() - began
         statuses = set(sent)
         print(f"{name:<11} {spent / requests * 1e6:7.2f} µs/request  statuses={sorted(statuses)}")

@@ -30,6 +30,7 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -194,6 +195,17 @@ class LuaRun:
     clock: str
     started: float  # wall-clock time wrk was started
     ended: float
+    wrk_cpu_s: float = 0.0  # CPU time wrk used (user + system)
+    worker_cpu_s: float | None = None  # CPU time the serving worker used during the run
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """A process's CPU time so far (user + system), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_lua_wrk(
@@ -205,6 +217,7 @@ def run_lua_wrk(
     duration: int,
     count_from: float | None = None,
     status_hook: bool = False,
+    worker: int | None = None,
 ) -> LuaRun:
     """``wrk`` with bench/orgs.lua: requests counted per second since ``count_from`` (epoch seconds, default
     wrk's start), statuses ≠ 200 counted in a response() hook with ``status_hook``."""
@@ -212,8 +225,13 @@ def run_lua_wrk(
     argv += ["-s", str(LUA_SCRIPT), base + targets[0], "--", str(tokens), ",".join(targets)]
     started = time.time()
     argv += [f"{started if count_from is None else count_from:.6f}", *(["status"] if status_hook else [])]
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    worker_before = cpu_seconds(worker) if worker else None
     result = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    worker_after = cpu_seconds(worker) if worker else None
     ended = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_cpu = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
     if result.returncode != 0 or "orgs.lua" in result.stderr:
         raise core.BenchError(f"wrk failed ({result.returncode}): {result.stderr or result.stdout}")
     out = result.stdout
@@ -241,6 +259,8 @@ def run_lua_wrk(
         clock=clock.group(1) if clock else "",
         started=started,
         ended=ended,
+        wrk_cpu_s=wrk_cpu,
+        worker_cpu_s=None if worker_before is None or worker_after is None else worker_after - worker_before,
     )
 
 
@@ -534,11 +554,20 @@ def run_scenario(ctx: Context, scenario: str, round_index: int) -> Measured:
     tokens = ctx.all_tokens if scenario in ALL_TOKENS else ctx.single_tokens
     service, base, startup_s = core._start_service(ctx.env, cores, rundir, catalog.n)
     ready_at = time.time()
+    children = core.descendants(service.pid)
+    worker = max(children, key=lambda pid: core.rss_kib(pid) or 0) if children else None
     writer: Writer | None = None
     try:
         if scenario == "restart":
             run = run_lua_wrk(
-                cores, base, tokens, catalog.targets, opts.connections, opts.restart_duration, ready_at
+                cores,
+                base,
+                tokens,
+                catalog.targets,
+                opts.connections,
+                opts.restart_duration,
+                ready_at,
+                worker=worker,
             )
         else:
             if scenario in WITH_WRITER:
@@ -547,7 +576,7 @@ def run_scenario(ctx: Context, scenario: str, round_index: int) -> Measured:
             hook = scenario == "spread_hook"
             load = (cores, base, tokens, catalog.targets, opts.connections)
             run_lua_wrk(*load, opts.warmup, status_hook=hook)
-            run = run_lua_wrk(*load, opts.duration, status_hook=hook)
+            run = run_lua_wrk(*load, opts.duration, status_hook=hook, worker=worker)
         writes = writer.finish((run.started, run.ended)) if writer else None
         if not service.alive():
             raise core.BenchError(f"the service died during {scenario}:\n{service.log_tail()}")
@@ -643,6 +672,28 @@ def _count(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:g}"
 
 
+def _cpu_cells(runs: Sequence[Measured]) -> str:
+    """The worker's CPU share during the run (and its CPU per answer), and wrk's: a worker below 100%
+    while wrk is near it means the figure is wrk's limit, not the service's."""
+    spans = [m.run.ended - m.run.started for m in runs]
+    worker = _med(
+        [
+            m.run.worker_cpu_s / s if m.run.worker_cpu_s is not None else None
+            for m, s in zip(runs, spans, strict=True)
+        ]
+    )
+    per_request = _med(
+        [
+            m.run.worker_cpu_s * 1e6 / m.run.result.requests if m.run.worker_cpu_s is not None else None
+            for m in runs
+        ]
+    )
+    wrk = _med([m.run.wrk_cpu_s / s for m, s in zip(runs, spans, strict=True)])
+    if math.isnan(worker):
+        return f"? | {wrk * 100:.0f}"
+    return f"{worker * 100:.0f} ({per_request:.0f}) | {wrk * 100:.0f}"
+
+
 def per_second(m: Measured, seconds: int) -> list[int]:
     """Restart: the requests sent in each second after readiness."""
     return [m.run.buckets.get(s, 0) for s in range(seconds)]
@@ -697,8 +748,8 @@ def render_report(
             "",
             "| scenario | tokens | req/s | ÷ single | p50 ms | p99 ms | non-2xx/3xx | socket errors"
             " | status ≠ 200 (hook) | writes/s (failed) | write p50 / p99 ms | start-up s"
-            " | worker RSS MiB after |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
+            " | worker RSS MiB after | worker CPU % (µs/req) | wrk CPU % |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
         ]
         for key, title in SCENARIOS.items():
             runs = r.of(key)
@@ -725,7 +776,7 @@ def render_report(
                 f" {_count(_med([m.run.non2xx for m in runs]))} |"
                 f" {_count(_med([m.run.socket_errors for m in runs]))} |"
                 f" {_count(hook)} | {write_cells} | {_med([m.startup_s for m in runs]):.1f} |"
-                f" {'?' if math.isnan(rss) else f'{rss / 1024:.0f}'} |"
+                f" {'?' if math.isnan(rss) else f'{rss / 1024:.0f}'} | {_cpu_cells(runs)} |"
             )
         if opts.rounds > 1:
             lines += [
