@@ -121,9 +121,18 @@ def _products(listed: list[str]) -> tuple[str, ...]:
     return shared
 
 
+# Revisions are shared too: a catalog import stamps every row with one, and each int object costs 32 bytes.
+_revisions: dict[int, int] = {}
+
+
 def make_entry(body: bytes, revision: int) -> Entry:
     """An entry from an image's stored body (its served JSON)."""
     fields = _indexed.decode(body)
+    shared = _revisions.get(revision)
+    if shared is None:
+        if len(_revisions) >= 100_000:
+            _revisions.clear()
+        shared = _revisions[revision] = revision
     return Entry(
         fields.id,
         body,
@@ -131,7 +140,7 @@ def make_entry(body: bytes, revision: int) -> Entry:
         PUBLIC if fields.type == "Public" else sys.intern(fields.orgId),
         sys.intern(fields.idc),
         _products(fields.supportedProducts),
-        revision,
+        shared,
     )
 
 
