@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -337,15 +338,15 @@ def test_cold_org_loads_use_an_index(store: str, databases: Databases, tmp_path:
 
 def test_libpq_multi_host_url_finds_the_live_host_and_listens(databases: Databases, tmp_path: Path) -> None:
     """A failover pair's URL (libpq's ``h1:p1,h2:p2`` form, first host down): the service connects to the
-    live host for queries *and* for LISTEN. Polling is slowed to 30 s, so a write made elsewhere shows up
-    within a second only through a notification."""
+    live host for queries *and* for LISTEN (CE_DB_LISTEN). Polling is slowed to 30 s, so a write made
+    elsewhere shows up within a second only through a notification or a request's own refresh."""
     url = sa.engine.make_url(databases.url("postgresql", tmp_path))
     dead = free_port()
     multi = (
         f"postgresql://{url.username}@127.0.0.1:{dead},{url.host}:{url.port}/{url.database}"
         "?target_session_attrs=read-write"
     )
-    env = {"CE_POLL_INTERVAL": "30"}
+    env = {"CE_POLL_INTERVAL": "30", "CE_DB_LISTEN": "true"}
     with LiveServer.start(tmp_path, database_url=multi, args=["--migrate"], env=env) as server:
         client = server.client(uuid.uuid4())
         assert client.get("/v1/images").json() == []
@@ -354,6 +355,76 @@ def test_libpq_multi_host_url_finds_the_live_host_and_listens(databases: Databas
         while not client.get("/v1/images").json():
             assert time.monotonic() < deadline, "the write was not noticed: LISTEN did not connect"
             time.sleep(0.05)
+
+
+def _connections(admin_url: str, database: str) -> int:
+    return int(_rows(admin_url, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'")[0][0])
+
+
+@pytest.mark.parametrize("listen", [False, True])
+def test_each_worker_stays_within_its_connection_budget(
+    databases: Databases, tmp_path: Path, listen: bool
+) -> None:
+    """Two workers with CE_DB_POOL_SIZE=1 and CE_DB_POOL_OVERFLOW=1: under concurrent cold loads and
+    writes the database never sees more than 2 connections per worker (3 with CE_DB_LISTEN), and at rest
+    one per worker (two with LISTEN); warm reads need none of them."""
+    url = databases.url("postgresql", tmp_path)
+    database = sa.engine.make_url(url).database
+    assert databases.postgres_admin_url is not None and database
+    admin = databases.postgres_admin_url
+    db.upgrade(url)
+    # a Customized image that the memory bound (one image) cannot hold: the catalog is not complete, so
+    # every new org's first request is a cold load from the database
+    _write(
+        url,
+        [image_entry("eu-1", "seed-1", type="Customized"), image_entry("eu-1", "seed-2", type="Customized")],
+    )
+    env = {
+        "CE_DB_POOL_SIZE": "1",
+        "CE_DB_POOL_OVERFLOW": "1",
+        "CE_DB_LISTEN": "true" if listen else "false",
+        "CE_CACHE_IMAGES": "1",
+    }
+    per_worker = 2 + listen
+    with LiveServer.start(tmp_path, database_url=url, args=["--workers", "2"], env=env) as server:
+        admin_token = server.token(uuid.uuid4(), scopes=["images:admin"])
+        admin_client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {admin_token}"})
+        peak = 0
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, _connections(admin, database) - 1)  # less the sampler's own
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+
+            def burst(n: int) -> int:
+                with server.client(uuid.uuid4()) as client:
+                    return client.get("/v1/images").status_code
+
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                statuses = list(pool.map(burst, range(200)))
+                writes = [
+                    pool.submit(
+                        admin_client.post,
+                        "/v1/images",
+                        json={**image_entry("us-west-1", f"budget-{n}"), "type": "Public"},
+                    )
+                    for n in range(20)
+                ]
+                created = [w.result().status_code for w in writes]
+        finally:
+            stop.set()
+            sampler.join()
+        admin_client.close()
+        assert set(statuses) == {200} and set(created) == {201}
+        assert 0 < peak <= 2 * per_worker, peak
+        time.sleep(1.0)  # overflow connections were closed when returned
+        assert _connections(admin, database) - 1 <= 2 * (1 + listen)
 
 
 def test_a_write_to_a_frozen_database_is_a_503_at_the_deadline(

@@ -137,7 +137,14 @@ def create_app(settings: Settings) -> HotPath:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store.open(settings.database_url)
+        store = Store(
+            db.create_engine(
+                settings.database_url,
+                pool_size=settings.db_pool_size,
+                max_overflow=settings.db_pool_overflow,
+            ),
+            settings.database_url,
+        )
         catalog = Catalog(
             store,
             freshness_bound=settings.freshness_bound,
@@ -160,7 +167,7 @@ def create_app(settings: Settings) -> HotPath:
             asyncio.create_task(_report_state(catalog, store, metrics, observer), name="metrics-reporter"),
         ]
         tasks.append(asyncio.create_task(metrics.flush_forever(), name="metrics-flusher"))
-        if store.is_postgres:
+        if store.is_postgres and settings.db_listen:
             tasks.append(asyncio.create_task(catalog.listen_forever(), name="catalog-listener"))
         if access_log is not None:
             tasks.append(asyncio.create_task(access_log.flush_forever(), name="access-log"))

@@ -89,6 +89,9 @@ class Settings:
     max_header_bytes: int = 65_536
     access_log: bool = True
     cache_orgs: int = 100_000
+    db_pool_size: int = 1
+    db_pool_overflow: int = 1
+    db_listen: bool = False
 
     @property
     def dev_secret_path(self) -> Path:
@@ -186,6 +189,28 @@ SETTINGS: tuple[Setting, ...] = (
         "cache_orgs",
         _int("CE_CACHE_ORGS", 1, 100_000_000),
         "Orgs (including those without Customized images) whose images are held in memory at most.",
+    ),
+    Setting(
+        "CE_DB_POOL_SIZE",
+        "db_pool_size",
+        _int("CE_DB_POOL_SIZE", 1, 100),
+        "PostgreSQL: connections each worker keeps open (the change poller's, shared with requests). "
+        "Warm reads need none.",
+    ),
+    Setting(
+        "CE_DB_POOL_OVERFLOW",
+        "db_pool_overflow",
+        _int("CE_DB_POOL_OVERFLOW", 0, 100),
+        "PostgreSQL: further connections a worker may open while busy (writes, cold org loads), closed "
+        "when returned. A worker uses at most CE_DB_POOL_SIZE + CE_DB_POOL_OVERFLOW (+1 with CE_DB_LISTEN).",
+    ),
+    Setting(
+        "CE_DB_LISTEN",
+        "db_listen",
+        _bool("CE_DB_LISTEN"),
+        "PostgreSQL: each worker also holds a LISTEN connection and applies a change as soon as it "
+        "commits, instead of at the next poll (CE_POLL_INTERVAL); not through a transaction-pooling "
+        "PgBouncer.",
     ),
 )
 

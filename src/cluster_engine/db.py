@@ -128,8 +128,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_engine(url: str, *, statement_timeout: float | None = 5.0) -> AsyncEngine:
-    """An async engine with a bounded pool and timeouts, so a dead database fails fast instead of hanging."""
+def create_engine(
+    url: str, *, statement_timeout: float | None = 5.0, pool_size: int = 5, max_overflow: int = 5
+) -> AsyncEngine:
+    """An async engine with a bounded pool and timeouts, so a dead database fails fast instead of hanging.
+    On PostgreSQL the pool holds ``pool_size`` connections at rest and at most ``pool_size + max_overflow``
+    (a serving worker's budget, see CE_DB_POOL_SIZE); SQLite's pool is SQLAlchemy's own."""
     driver_url = async_url(url)
     if driver_url.startswith("sqlite"):
         path = sqlite_path(url)
@@ -140,8 +144,8 @@ def create_engine(url: str, *, statement_timeout: float | None = 5.0) -> AsyncEn
         return engine
     return create_async_engine(
         driver_url,
-        pool_size=5,
-        max_overflow=5,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
         pool_timeout=2,
         pool_pre_ping=True,
         connect_args={
