@@ -71,11 +71,17 @@ class PostgresServer:
     port: int
     user: str | None  # the OS user to run as (None: the current user)
     durable: bool = False  # True: PostgreSQL's own fsync/commit defaults (drills that kill the server)
+    max_connections: int = 200  # above PostgreSQL's stock 100: test suites open many pools
     process: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def start(
-        cls, *, bindir: Path | None = None, port: int | None = None, durable: bool = False
+        cls,
+        *,
+        bindir: Path | None = None,
+        port: int | None = None,
+        durable: bool = False,
+        max_connections: int = 200,
     ) -> PostgresServer:
         bindir = bindir or find_bindir()
         data_dir = Path(tempfile.mkdtemp(prefix="ce-pg-"))
@@ -83,7 +89,14 @@ class PostgresServer:
         if user is not None:
             entry = pwd.getpwnam(user)
             os.chown(data_dir, entry.pw_uid, entry.pw_gid)
-        server = cls(bindir=bindir, data_dir=data_dir, port=port or _free_port(), user=user, durable=durable)
+        server = cls(
+            bindir=bindir,
+            data_dir=data_dir,
+            port=port or _free_port(),
+            user=user,
+            durable=durable,
+            max_connections=max_connections,
+        )
         server._run(
             [
                 str(bindir / "initdb"),
@@ -143,7 +156,7 @@ class PostgresServer:
                 "unix_socket_directories=",
                 *(() if self.durable else self._FAST),
                 "-c",
-                "max_connections=200",
+                f"max_connections={self.max_connections}",
                 "-c",
                 "shared_buffers=128MB",
             ],
