@@ -444,29 +444,31 @@ class Catalog:
                 loader = asyncio.create_task(self._load_wanted(), name="org-loader")
                 self._loaders.add(loader)
                 loader.add_done_callback(self._loaders.discard)
-        try:
-            return await within(asyncio.shield(pending), REFRESH_TIMEOUT)
-        except TimeoutError:
-            log.warning("loading org %s failed: TimeoutError", org)
-            raise Unavailable() from None
+        # No deadline of its own here: the query its batch runs has one (a database that does not answer
+        # in time is a 503); the wait before that query is other orgs' loads being built, and a healthy
+        # database must not turn a queue into 503s.
+        return await asyncio.shield(pending)
 
     async def _load_wanted(self) -> None:
-        """Load the wanted orgs, a batch per query, until none are left."""
+        """Load the wanted orgs, a batch per query, until none are left. Every org taken is answered:
+        its shelf, or ``Unavailable`` when the query failed or missed its deadline."""
         while self._wanted:
             batch = self._wanted[:LOAD_BATCH]
             del self._wanted[:LOAD_BATCH]
+            shelves: dict[str, Shelf] = {}
             try:
                 loaded = await within(self.store.load_namespaces(batch), REFRESH_TIMEOUT)
+                shelves = self._hold(batch, loaded.images, loaded.revision)
             except Exception as exc:
                 log.warning("loading %d orgs failed: %s", len(batch), exc.__class__.__name__)
+            finally:  # also when cancelled: no waiter is left without an answer
                 for org in batch:
                     pending = self._loading.pop(org)
-                    pending.set_exception(Unavailable())
-                    pending.exception()  # retrieved: waiters get it via await
-                continue
-            shelves = self._hold(batch, loaded.images, loaded.revision)
-            for org in batch:
-                self._loading.pop(org).set_result(shelves[org])
+                    if org in shelves:
+                        pending.set_result(shelves[org])
+                    else:
+                        pending.set_exception(Unavailable())
+                        pending.exception()  # retrieved: waiters get it via await
 
     def _hold(self, orgs: list[str], images: list[Stored], revision: int) -> dict[str, Shelf]:
         """Hold these orgs' shelves, built from all of their images as of at least ``revision``."""
