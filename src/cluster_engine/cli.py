@@ -295,7 +295,7 @@ def catalog() -> None:
 
 
 @catalog.command(name="import")
-@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.argument("file", type=click.File("rb"))
 @click.option("--dry-run", is_flag=True, help="Report what would change; change nothing.")
 @click.option("--prune", is_flag=True, help="Also delete Public images that are not in FILE.")
 @click.option(
@@ -308,24 +308,33 @@ def catalog() -> None:
 )
 def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     """Create or update the images in FILE (YAML or JSON list) in one transaction; idempotent."""
-    from . import db
+    from . import catalog_files, db
     from .errors import ApiError, RequestInvalid
-    from .validation import read_catalog_entries
 
     settings = _settings()
-    data = _read_catalog_file(file)
+    try:
+        source = catalog_files.CatalogSource(file, file.name)  # a YAML file is read (and checked) whole here
+    except catalog_files.CatalogFileError as exc:
+        raise click.ClickException(str(exc)) from None
     if settings.database_url.startswith("sqlite"):
         db.upgrade(settings.database_url)
+    progress = catalog_files.Progress()
     try:
-        entries = read_catalog_entries(data)
         report = _with_store(
             settings,
-            lambda store: store.import_catalog(entries, dry_run=dry_run, prune=prune),
+            lambda store: catalog_files.import_source(
+                store, source, dry_run=dry_run, prune=prune, progress=progress
+            ),
             statement_timeout=None,
         )
+    except catalog_files.CatalogFileError as exc:
+        raise click.ClickException(str(exc)) from None
     except RequestInvalid as exc:
         for item in exc.details:
             click.echo(f"{file.name}: {item.field}: {item.reason} (got {item.originalValue!r})", err=True)
+        omitted = getattr(exc, "omitted", 0)
+        if omitted:
+            click.echo(f"{file.name}: … and {omitted:,} more problems", err=True)
         raise SystemExit(3) from None
     except ApiError as exc:
         raise click.ClickException(str(exc)) from None
@@ -337,23 +346,6 @@ def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     else:
         prefix = "would be " if dry_run else ""
         click.echo(", ".join(f"{prefix}{key} {value}" for key, value in summary.items()))
-
-
-def _read_catalog_file(file: Any) -> Any:
-    """JSON through msgspec (fast: large catalogs are usually generated JSON), anything else as YAML."""
-    import msgspec
-
-    text = file.read()
-    if text.lstrip()[:1] in ("[", "{"):
-        try:
-            return msgspec.json.decode(text)
-        except msgspec.DecodeError:
-            pass  # YAML flow style can look like JSON; let the YAML parser judge it
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML was built with it
-    try:
-        return yaml.load(text, Loader=loader)  # a safe loader either way
-    except yaml.YAMLError as exc:
-        raise click.ClickException(f"{file.name}: not valid YAML or JSON: {exc}") from None
 
 
 @catalog.command(name="export")
@@ -375,15 +367,22 @@ def _read_catalog_file(file: Any) -> Any:
 )
 def export(output: str, image_type: str) -> None:
     """Write the catalog as a catalog file (ids and createdAt kept, so it re-imports to the same state)."""
-    import msgspec
+    from . import catalog_files
+    from .schemas import ImageType
 
     settings = _settings()
-    images = _with_store(settings, lambda store: store.export_catalog(), statement_timeout=None)
-    entries = [msgspec.to_builtins(image) for image in images if image_type in ("all", image.type.value)]
-    if output == "json":
-        click.echo(json.dumps(entries, indent=2))
-    else:
-        click.echo(yaml.safe_dump(entries, sort_keys=False, allow_unicode=True), nl=False)
+    sys.stdout.flush()
+    out = sys.stdout.buffer
+    wanted = None if image_type == "all" else ImageType(image_type)
+    fmt: Any = output
+    _with_store(
+        settings,
+        lambda store: catalog_files.export_catalog(
+            store, out, output=fmt, image_type=wanted, progress=catalog_files.Progress()
+        ),
+        statement_timeout=None,
+    )
+    out.flush()
 
 
 # ----------------------------------------------------------------------------------------------- audit

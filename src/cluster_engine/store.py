@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import msgspec
 import sqlalchemy as sa
@@ -19,9 +19,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .db import audit_log, catalog_state, create_engine, deleted_images, images
-from .errors import Conflict, NotFound, RequestInvalid
+from .errors import Conflict, NotFound
 from .schemas import ImageCreateReq, ImageResp, ImageType, Partition, json_encoder
-from .validation import CatalogEntry, detail
+from .validation import CatalogEntry
 
 PUBLIC_NAMESPACE = "public"
 IMAGE_NOT_FOUND = "image not found"
@@ -156,12 +156,56 @@ class Actor:
     name: str | None
 
 
+class Ids(Sequence[uuid.UUID]):
+    """Image ids, 16 bytes each (an import's report may hold millions)."""
+
+    def __init__(self, ids: Iterable[uuid.UUID] = ()) -> None:
+        self._raw = bytearray()
+        self.extend(ids)
+
+    def append(self, image_id: uuid.UUID) -> None:
+        self._raw += image_id.bytes
+
+    def extend(self, ids: Iterable[uuid.UUID]) -> None:
+        for image_id in ids:
+            self._raw += image_id.bytes
+
+    def __len__(self) -> int:
+        return len(self._raw) // 16
+
+    @overload
+    def __getitem__(self, index: int) -> uuid.UUID: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[uuid.UUID]: ...
+    def __getitem__(self, index: int | slice) -> uuid.UUID | list[uuid.UUID]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return uuid.UUID(bytes=bytes(self._raw[16 * index : 16 * index + 16]))
+
+    def __iter__(self) -> Iterator[uuid.UUID]:
+        raw = self._raw
+        for start in range(0, len(raw), 16):
+            yield uuid.UUID(bytes=bytes(raw[start : start + 16]))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} image ids>"  # asyncio reprs what a command returns: never list millions
+
+
 @dataclass(slots=True)
 class ImportReport:
-    created: list[uuid.UUID] = field(default_factory=list)
-    updated: list[uuid.UUID] = field(default_factory=list)
-    unchanged: list[uuid.UUID] = field(default_factory=list)
-    deleted: list[uuid.UUID] = field(default_factory=list)
+    created: Ids = field(default_factory=Ids)
+    updated: Ids = field(default_factory=Ids)
+    unchanged: Ids = field(default_factory=Ids)
+    deleted: Ids = field(default_factory=Ids)
     revision: int | None = None
 
     def summary(self) -> dict[str, int]:
@@ -436,132 +480,25 @@ class Store:
 
     async def import_catalog(
         self,
-        entries: Sequence[CatalogEntry],
+        entries: Iterable[CatalogEntry],
         *,
         dry_run: bool = False,
         prune: bool = False,
         actor: Actor | None = None,
     ) -> ImportReport:
         """Create or update every entry (and with ``prune`` delete Public images absent from the file) in
-        one transaction; idempotent: a second run changes nothing and takes no revision."""
-        actor = actor or Actor(org_id=None, name="cli:catalog-import")
-        _reject_duplicates(entries)
-        report = ImportReport()
-        try:
-            async with self.engine.begin() as conn:
-                revision = await self._bump(conn)
-                existing = (await conn.execute(sa.select(images))).all()
-                by_id = {row.id: row for row in existing}
-                by_identity = {(row.namespace, row.idc, row.name): row for row in existing}
-                now = utcnow()
-                inserts: list[dict[str, Any]] = []
-                updates: list[dict[str, Any]] = []
-                audit: list[tuple[str, uuid.UUID, dict[str, Any]]] = []
-                after: dict[uuid.UUID, ImageResp] = {}  # created and updated images as they will be served
-                claimed: dict[uuid.UUID, int] = {}  # existing image id → the entry that updates it
-                final = {(row.namespace, row.idc, row.name) for row in existing}  # identities after import
-                for index, entry in enumerate(entries):
-                    namespace = namespace_of(entry.type, entry.spec.orgId)
-                    row = (
-                        by_id.get(entry.id)
-                        if entry.id
-                        else by_identity.get((namespace, entry.spec.idc, entry.spec.name))
-                    )
-                    values = {**_columns(entry.spec), "type": entry.type.value, "namespace": namespace}
-                    if row is None:
-                        image_id = entry.id or uuid.uuid4()
-                        image = after[image_id] = make_image(
-                            image_id, entry.type, entry.spec, entry.created_at or now
-                        )
-                        inserts.append(
-                            {
-                                **values,
-                                "id": image_id,
-                                "created_at": entry.created_at or now,
-                                "updated_at": now,
-                                "revision": revision,
-                                "body": json_encoder.encode(image),
-                            }
-                        )
-                        report.created.append(image_id)
-                        continue
-                    if row.id in claimed:
-                        raise RequestInvalid(
-                            [
-                                detail(
-                                    f"[{index}]",
-                                    "unique",
-                                    f"Refers to the same image as entry {claimed[row.id]}.",
-                                    str(row.id),
-                                )
-                            ],
-                            message="Invalid catalog file.",
-                        )
-                    claimed[row.id] = index
-                    if entry.created_at is not None:
-                        values["created_at"] = entry.created_at
-                    current = row._mapping
-                    if all(_same(current[k], v) for k, v in values.items()):
-                        report.unchanged.append(row.id)
-                        continue
-                    image = after[row.id] = make_image(
-                        row.id, entry.type, entry.spec, entry.created_at or _utc(row.created_at)
-                    )
-                    body = json_encoder.encode(image)
-                    updates.append(
-                        {**values, "b_id": row.id, "updated_at": now, "revision": revision, "body": body}
-                    )
-                    report.updated.append(row.id)
-                if prune:
-                    report.deleted = [
-                        row.id
-                        for row in existing
-                        if row.namespace == PUBLIC_NAMESPACE and row.id not in claimed
-                    ]
-                if not (inserts or updates or report.deleted):
-                    await conn.rollback()
-                    return report
-                # Name uniqueness of the end state, checked here (writers are serialized by the revision
-                # bump above) so that a conflict names its entry; the unique constraint still backs it.
-                for row_id in [*report.deleted, *(u["b_id"] for u in updates)]:
-                    row = by_id[row_id]
-                    final.discard((row.namespace, row.idc, row.name))
-                for values in [*updates, *inserts]:
-                    identity = (values["namespace"], values["idc"], values["name"])
-                    if identity in final:
-                        raise Conflict(f"{values['idc']}/{values['name']}: {DUPLICATE}")
-                    final.add(identity)
-                if report.deleted:
-                    await self._delete(conn, revision, report.deleted)
-                if updates:  # move renamed images out of the way first, so names can be swapped in one file
-                    await conn.execute(
-                        images.update()
-                        .where(images.c.id == sa.bindparam("b_id"))
-                        .values(name=sa.bindparam("tmp")),
-                        [
-                            {"b_id": u["b_id"], "tmp": f"~{u['b_id']}"} for u in updates
-                        ],  # "~" is never in a name
-                    )
-                    await conn.execute(images.update().where(images.c.id == sa.bindparam("b_id")), updates)
-                if inserts:
-                    await conn.execute(images.insert(), inserts)
-                audit += [("create", i, _snapshot(after[i])) for i in report.created]
-                audit += [("update", i, _diff(image_from_row(by_id[i]), after[i])) for i in report.updated]
-                audit += [("delete", i, _snapshot(image_from_row(by_id[i]))) for i in report.deleted]
-                await self._audit(conn, revision, actor, audit)
-                if dry_run:  # everything ran, constraints included; now undo it
-                    await conn.rollback()
-                    return report
-                report.revision = revision
-        except IntegrityError:
-            raise Conflict(DUPLICATE) from None
-        return report
+        one transaction; idempotent: a second run changes nothing and takes no revision. See
+        ``catalog_files`` (which also imports files as they are read)."""
+        from . import catalog_files
+
+        return await catalog_files.import_entries(self, entries, dry_run=dry_run, prune=prune, actor=actor)
 
     async def export_catalog(self) -> list[ImageResp]:
+        """Every image, in (createdAt, id) order (``catalog_files.export_catalog`` streams them to a file)."""
         async with self.engine.connect() as conn:
             query = sa.select(images.c.body).order_by(images.c.created_at, images.c.id)
-            rows = (await conn.execute(query)).all()
-        return [image_of_body(row.body) for row in rows]
+            result = await conn.stream(query.execution_options(yield_per=2000))
+            return [image_of_body(row.body) async for row in result]
 
     async def audit_entries(
         self, *, since: dt.datetime | None = None, image_id: uuid.UUID | None = None, limit: int = 1000
@@ -600,31 +537,3 @@ def _same(stored: Any, wanted: Any) -> bool:
     if isinstance(stored, dt.datetime) and isinstance(wanted, dt.datetime):
         return _utc(stored) == _utc(wanted)
     return bool(stored == wanted)
-
-
-def _reject_duplicates(entries: Sequence[CatalogEntry]) -> None:
-    seen_ids: dict[uuid.UUID, int] = {}
-    seen_identity: dict[tuple[str, str, str], int] = {}
-    problems = []
-    for index, entry in enumerate(entries):
-        identity = (namespace_of(entry.type, entry.spec.orgId), entry.spec.idc, entry.spec.name)
-        if entry.id is not None:
-            if entry.id in seen_ids:
-                problems.append(
-                    detail(
-                        f"[{index}].id", "unique", f"Same id as entry {seen_ids[entry.id]}.", str(entry.id)
-                    )
-                )
-            seen_ids[entry.id] = index
-        if identity in seen_identity:
-            problems.append(
-                detail(
-                    f"[{index}].name",
-                    "unique",
-                    f"Same idc, name and owner as entry {seen_identity[identity]}.",
-                    entry.spec.name,
-                )
-            )
-        seen_identity[identity] = index
-    if problems:
-        raise RequestInvalid(problems, message="Invalid catalog file.")
