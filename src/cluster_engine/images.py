@@ -6,7 +6,6 @@ The read endpoints are in ``hotpath.py``.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -15,7 +14,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import validation, visibility
+from . import catalog, validation, visibility
 from .auth import Principal, Verifier
 from .deadline import within
 from .errors import PayloadTooLarge, RequestInvalid, Unavailable
@@ -39,7 +38,7 @@ TOO_LARGE = "request body is larger than 1 MiB"
 
 
 def etag_of(body: bytes) -> str:
-    return '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
+    return catalog.etag_of(body).decode()
 
 
 def principal(request: Request) -> Principal:
