@@ -40,7 +40,8 @@ import yaml
 
 from .db import audit_log, images
 from .errors import Conflict, RequestInvalid
-from .schemas import ImageResp, ImageType, ValidationDetail, json_encoder
+from .schemas import ImageType, ValidationDetail, json_encoder
+from .store import make_image
 from .validation import (
     CatalogEntry,
     CatalogFields,
@@ -625,26 +626,7 @@ class Planner:
 
 def _render(image_id: uuid.UUID, entry: CatalogEntry, created_at: dt.datetime) -> bytes:
     """The image's body: what ``store.make_image`` serves, encoded."""
-    spec = entry.spec
-    return _encode(
-        ImageResp(
-            id=image_id,
-            type=entry.type,
-            orgId=spec.orgId,
-            idc=spec.idc,
-            name=spec.name,
-            path=spec.path,
-            OSSeries=spec.OSSeries,
-            OSVersion=spec.OSVersion,
-            OSArchitecture=spec.OSArchitecture,
-            BootMode=spec.BootMode,
-            SystemDiskSize=spec.SystemDiskSize,
-            DefaultPartitionTable=spec.DefaultPartitionTable,
-            icon=spec.icon,
-            supportedProducts=spec.supportedProducts,
-            createdAt=created_at.astimezone(dt.UTC),
-        )
-    )
+    return _encode(make_image(image_id, entry.type, entry.spec, created_at))
 
 
 _encode = json_encoder.encode
