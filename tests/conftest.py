@@ -7,27 +7,58 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from cluster_engine.cli import DEMO_ORG, demo_catalog
+from cluster_engine.pgbouncer import PgBouncer, PgBouncerUnavailable
 from cluster_engine.pgserver import PostgresServer, PostgresUnavailable, create_database
 from cluster_engine.testing import LiveServer
 
 OTHER_ORG = uuid.UUID("5d6c8a0e-9b1f-4e2a-8c3d-7f6e5d4c3b2a")
 STORES = ["sqlite", "postgresql"]
+# CE_TEST_VIA_PGBOUNCER=1: every PostgreSQL database the suite hands out (``databases``) is reached through
+# a throwaway PgBouncer in transaction-pooling mode (``pgbouncer=true`` URLs). `.ci/run` runs the tests
+# marked ``postgresql`` (below) this way after the main run.
+VIA_PGBOUNCER = os.environ.get("CE_TEST_VIA_PGBOUNCER", "").lower() in ("1", "true", "yes", "on")
+IN_CI = os.environ.get("CI") == "true"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "postgresql: gets a PostgreSQL database from the `databases` fixture (applied by conftest.py; "
+        "the PgBouncer pass runs these)",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "databases" in getattr(item, "fixturenames", ()) and "sqlite" not in params.values():
+            item.add_marker(pytest.mark.postgresql)
 
 
 class Databases:
-    """Hands out empty databases: SQLite files, or fresh databases on the test PostgreSQL server."""
+    """Hands out empty databases: SQLite files, or fresh databases on the test PostgreSQL server (through
+    ``pgbouncer`` when set: created directly, handed out as URLs through it)."""
 
-    def __init__(self, postgres_admin_url: str | None) -> None:
+    def __init__(
+        self,
+        postgres_admin_url: str | None,
+        pgbouncer: PgBouncer | None = None,
+        unavailable: str = "PostgreSQL is not available on this machine",
+    ) -> None:
         self.postgres_admin_url = postgres_admin_url
+        self.pgbouncer = pgbouncer
+        self.unavailable = unavailable
 
     def url(self, store: str, directory: Path) -> str:
         if store == "sqlite":
             return f"sqlite:///{directory / 'cluster-engine.db'}"
         if self.postgres_admin_url is None:
-            pytest.skip("PostgreSQL is not available on this machine")
-        return create_database(self.postgres_admin_url)
+            pytest.skip(self.unavailable)
+        url = create_database(self.postgres_admin_url)
+        return url if self.pgbouncer is None else self.pgbouncer.url(url)
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +70,7 @@ def postgres_server() -> Iterator[PostgresServer | None]:
     try:
         server = PostgresServer.start()
     except PostgresUnavailable:
-        if os.environ.get("CI") == "true":
+        if IN_CI:
             raise  # CI must run the PostgreSQL tests, never skip them
         pytest.skip("PostgreSQL server binaries not found")
     with server:
@@ -47,15 +78,47 @@ def postgres_server() -> Iterator[PostgresServer | None]:
 
 
 @pytest.fixture(scope="session")
-def databases(request: pytest.FixtureRequest) -> Databases:
+def postgres_admin_url(request: pytest.FixtureRequest) -> str | None:
+    """A direct URL of the test PostgreSQL server's admin database (None: no PostgreSQL here)."""
     external = os.environ.get("CE_TEST_DATABASE_URL")
     if external:
-        return Databases(external)
+        return external
     try:
         server = request.getfixturevalue("postgres_server")
     except pytest.skip.Exception:
-        return Databases(None)
-    return Databases(server.url)
+        return None
+    return str(server.url)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgres_admin_url: str | None) -> Iterator[PgBouncer]:
+    """A throwaway PgBouncer (transaction pooling) in front of the test PostgreSQL server."""
+    if postgres_admin_url is None:
+        pytest.skip("PostgreSQL is not available on this machine")
+    url = make_url(postgres_admin_url)
+    try:
+        bouncer = PgBouncer.start(
+            url.port or 5432,
+            upstream_host=url.host or "127.0.0.1",
+            users={url.username or "postgres": url.password or ""},
+        )
+    except PgBouncerUnavailable:
+        if IN_CI:
+            raise  # CI runs the PgBouncer tests, never skips them (.ci/run installs pgbouncer)
+        pytest.skip("pgbouncer not found (apt-get install pgbouncer)")
+    with bouncer:
+        yield bouncer
+
+
+@pytest.fixture(scope="session")
+def databases(request: pytest.FixtureRequest, postgres_admin_url: str | None) -> Databases:
+    if postgres_admin_url is None or not VIA_PGBOUNCER:
+        return Databases(postgres_admin_url)
+    try:
+        bouncer = request.getfixturevalue("pgbouncer")
+    except pytest.skip.Exception:
+        return Databases(None, unavailable="CE_TEST_VIA_PGBOUNCER=1 but pgbouncer was not found")
+    return Databases(postgres_admin_url, bouncer)
 
 
 def start_server(databases: Databases, store: str, directory: Path, *args: str) -> LiveServer:

@@ -29,7 +29,7 @@ from cluster_engine.store import Store
 from cluster_engine.testing import LiveServer, free_port
 from cluster_engine.validation import read_catalog_entries
 
-from .conftest import STORES, Databases
+from .conftest import STORES, VIA_PGBOUNCER, Databases
 
 
 def image_entry(idc: str, name: str, **overrides: Any) -> dict[str, Any]:
@@ -336,6 +336,10 @@ def test_cold_org_loads_use_an_index(store: str, databases: Databases, tmp_path:
     assert "SCAN images" not in text and "Seq Scan" not in text, text
 
 
+@pytest.mark.skipif(
+    VIA_PGBOUNCER,
+    reason="LISTEN does not pass transaction pooling (multi-host through PgBouncer: test_pgbouncer)",
+)
 def test_libpq_multi_host_url_finds_the_live_host_and_listens(databases: Databases, tmp_path: Path) -> None:
     """A failover pair's URL (libpq's ``h1:p1,h2:p2`` form, first host down): the service connects to the
     live host for queries *and* for LISTEN (CE_DB_LISTEN). Polling is slowed to 30 s, so a write made
@@ -361,6 +365,11 @@ def _connections(admin_url: str, database: str) -> int:
     return int(_rows(admin_url, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'")[0][0])
 
 
+@pytest.mark.skipif(
+    VIA_PGBOUNCER,
+    reason="counts the server's connections: through PgBouncer those are its pool's, not the workers' "
+    "(and LISTEN is refused); test_pgbouncer counts the workers' at PgBouncer",
+)
 @pytest.mark.parametrize("listen", [False, True])
 def test_each_worker_stays_within_its_connection_budget(
     databases: Databases, tmp_path: Path, listen: bool

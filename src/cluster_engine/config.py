@@ -115,7 +115,8 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         "sqlite:///PATH (embedded default: DATA_DIR/cluster-engine.db) or postgresql://…; for a failover "
         "pair, libpq's multi-host form postgresql://USER@H1:P1,H2:P2/DB?target_session_attrs=read-write "
-        "(see deploy/ha/)",
+        "(see deploy/ha/). Add pgbouncer=true to the query when the URL points at a PgBouncer in "
+        "transaction-pooling mode (no prepared statements, statement timeout per transaction; see README).",
     ),
     Setting("CE_JWT_SECRET", "jwt_secret", _optional_str, "Shared secret for HS256 tokens."),
     Setting(
@@ -209,8 +210,8 @@ SETTINGS: tuple[Setting, ...] = (
         "db_listen",
         _bool("CE_DB_LISTEN"),
         "PostgreSQL: each worker also holds a LISTEN connection and applies a change as soon as it "
-        "commits, instead of at the next poll (CE_POLL_INTERVAL); not through a transaction-pooling "
-        "PgBouncer.",
+        "commits, instead of at the next poll (CE_POLL_INTERVAL); refused with a pgbouncer=true URL "
+        "(LISTEN does not pass transaction pooling).",
     ),
 )
 
@@ -239,4 +240,18 @@ def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:
         raise ConfigError("configure only one of CE_JWT_SECRET, CE_JWT_PUBLIC_KEY, CE_JWT_JWKS")
     if not database_url.startswith(("sqlite:", "postgresql:", "postgres:", "postgresql+")):
         raise ConfigError(f"CE_DATABASE_URL must be sqlite:///PATH or postgresql://…, got {database_url!r}")
+    if database_url.startswith("postgres"):
+        from .db import uses_pgbouncer
+
+        try:
+            pgbouncer = uses_pgbouncer(database_url)
+        except ValueError as exc:
+            raise ConfigError(f"CE_DATABASE_URL: {exc}") from None
+        if pgbouncer and settings.db_listen:
+            # LISTEN holds a session; a transaction-pooling PgBouncer gives the server connection to other
+            # clients after each statement, so notifications would never arrive (polling still would)
+            raise ConfigError(
+                "CE_DB_LISTEN=true cannot work through a transaction-pooling PgBouncer (pgbouncer=true in "
+                "CE_DATABASE_URL): leave it off (changes arrive by polling, CE_POLL_INTERVAL)"
+            )
     return settings

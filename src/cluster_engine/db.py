@@ -101,13 +101,36 @@ def multi_host_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}?{urlencode(query, safe=':[]')}"
 
 
+# The service's own query parameter of a PostgreSQL URL (never passed on to libpq): the URL points at a
+# PgBouncer in transaction-pooling mode (or another pooler that hands each transaction to any server
+# connection). See ``create_engine`` and README.md's PostgreSQL section.
+PGBOUNCER_PARAM = "pgbouncer"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def uses_pgbouncer(url: str) -> bool:
+    """Whether a database URL carries ``pgbouncer=true`` (a transaction-pooling PgBouncer)."""
+    parts = urlsplit(url)
+    if not parts.scheme.startswith("postgres"):
+        return False
+    values = [
+        v.strip().lower() for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == PGBOUNCER_PARAM
+    ]
+    for value in values:
+        if value not in _TRUE + _FALSE:
+            raise ValueError(f"{PGBOUNCER_PARAM}= in the database URL must be true or false, got {value!r}")
+    return bool(values) and values[-1] in _TRUE
+
+
 def async_url(url: str) -> str:
-    """Map the user-facing URL (sqlite:///…, postgresql://…) onto the async driver we ship."""
+    """Map the user-facing URL (sqlite:///…, postgresql://…) onto the async driver we ship (without the
+    service's own ``pgbouncer`` parameter, which libpq would refuse)."""
     parsed = make_url(multi_host_url(url))
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         return parsed.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
     if backend in ("postgresql", "postgres"):
+        parsed = parsed.difference_update_query([PGBOUNCER_PARAM])
         return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     raise ValueError(f"unsupported database URL scheme: {parsed.drivername}")
 
@@ -133,7 +156,9 @@ def create_engine(
 ) -> AsyncEngine:
     """An async engine with a bounded pool and timeouts, so a dead database fails fast instead of hanging.
     On PostgreSQL the pool holds ``pool_size`` connections at rest and at most ``pool_size + max_overflow``
-    (a serving worker's budget, see CE_DB_POOL_SIZE); SQLite's pool is SQLAlchemy's own."""
+    (a serving worker's budget, see CE_DB_POOL_SIZE); SQLite's pool is SQLAlchemy's own.
+    ``statement_timeout`` (seconds; None or 0: none) is a startup parameter of every connection, except
+    through PgBouncer (``pgbouncer=true``): see ``_through_pgbouncer``."""
     driver_url = async_url(url)
     if driver_url.startswith("sqlite"):
         path = sqlite_path(url)
@@ -142,7 +167,14 @@ def create_engine(
         engine = create_async_engine(driver_url, connect_args={"timeout": 5})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(
+    timeout_ms = int((statement_timeout or 0) * 1000)
+    pooled = uses_pgbouncer(url)
+    session: dict[str, Any] = (
+        {"prepare_threshold": None, "autocommit": True}
+        if pooled
+        else {"options": f"-c statement_timeout={timeout_ms}"}
+    )
+    engine = create_async_engine(
         driver_url,
         pool_size=pool_size,
         max_overflow=max_overflow,
@@ -150,7 +182,7 @@ def create_engine(
         pool_pre_ping=True,
         connect_args={
             "connect_timeout": 2,
-            "options": f"-c statement_timeout={int((statement_timeout or 0) * 1000)}",
+            **session,
             # a peer that vanished (host down, network partition) is noticed in seconds, not after TCP's
             # default ~15 minutes of retransmissions
             "keepalives": 1,
@@ -160,6 +192,94 @@ def create_engine(
             "tcp_user_timeout": 10_000,
         },
     )
+    if pooled:
+        _through_pgbouncer(engine, timeout_ms)
+    return engine
+
+
+def _through_pgbouncer(engine: AsyncEngine, timeout_ms: int) -> None:
+    """What changes through a transaction-pooling PgBouncer, where each transaction may run on another
+    server connection and no session state follows the client:
+
+    - No ``options`` startup parameter (PgBouncer refuses it: "unsupported startup parameter"; from 1.20
+      it accepts only parameters the server reports, and statement_timeout is not one). Every transaction
+      opens with ``BEGIN READ WRITE; SET LOCAL statement_timeout = …``, one simple query: the same single
+      round trip as the ``BEGIN`` psycopg sends by itself, which it does not here (its connections are in
+      autocommit mode; its commit() and rollback() act on the server's transaction status, so
+      SQLAlchemy's transactions work as usual). A write still lifts the timeout for its COMMIT
+      (``Store._bump``).
+    - No prepared statements (``prepare_threshold=None``): one prepared on a server connection does not
+      exist on the next, and two clients' ``_pg3_0`` collide on a shared one (PgBouncer >= 1.21 can track
+      them with ``max_prepared_statements``; Debian 12 has 1.18).
+    - PgBouncer announces the server parameters its pool saw first (``in_hot_standby``,
+      ``default_transaction_read_only``) until the pool is rebuilt, so after a failover libpq's
+      ``target_session_attrs=read-write`` can take a demoted node's PgBouncer for the primary and refuse
+      the promoted one. So a multi-host URL's hosts are tried here, each asked with a query; and
+      ``READ WRITE`` fails the first transaction on a node that became a standby (reads included: a
+      standby cannot confirm the catalog is current), which drops the pool's connections as a
+      disconnect does. See deploy/ha/.
+    """
+    begin = f"BEGIN READ WRITE; SET LOCAL statement_timeout = {timeout_ms}"
+
+    def on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql(begin)
+
+    def on_error(context: sa.engine.ExceptionContext) -> sa.exc.OperationalError | None:
+        """0A000 from our BEGIN ("cannot set transaction read-write mode during recovery"): the node
+        behind the pooler is a standby now. Drop the pool's connections (the next ones find the primary)
+        and raise an OperationalError (the database is unavailable: a 503 with Retry-After, as during any
+        failover), not a bug."""
+        original = context.original_exception
+        if context.statement != begin or getattr(original, "sqlstate", None) != "0A000":
+            return None
+        context.is_disconnect = True
+        return sa.exc.OperationalError(
+            context.statement, context.parameters, original, connection_invalidated=True
+        )
+
+    event.listen(engine.sync_engine, "begin", on_begin)
+    event.listen(engine.sync_engine, "handle_error", on_error)
+    event.listen(engine.sync_engine, "do_connect", _connect_to_a_writable_host)
+
+
+def _connect_to_a_writable_host(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+    """For a multi-host URL with ``target_session_attrs`` read-write or primary, through a pooler: try
+    each host in order (as libpq would) and keep the first whose server says, when asked with a query,
+    that it takes writes. None (other URLs): libpq's own connect."""
+    attrs = cparams.get("target_session_attrs")
+    hosts = str(cparams.get("host") or "").split(",")
+    if attrs not in ("read-write", "primary") or len(hosts) < 2 or "hostaddr" in cparams:
+        return None
+    ports = str(cparams.get("port") or "").split(",")
+    if len(ports) == 1:
+        ports *= len(hosts)
+    query = "SHOW transaction_read_only" if attrs == "read-write" else "SELECT pg_is_in_recovery()"
+    dbapi = dialect.loaded_dbapi
+    refused: list[str] = []
+    for host, port in zip(hosts, ports, strict=False):
+        params = {**cparams, "host": host, "target_session_attrs": "any"}
+        params.pop("port", None)
+        if port:
+            params["port"] = port
+        try:
+            connection = dialect.connect(*cargs, **params)
+        except dbapi.Error as exc:
+            refused.append(f"{host}:{port or 5432}: {exc}")
+            continue
+        try:
+            cursor = connection.cursor()
+            cursor.execute(query)
+            (answer,) = cursor.fetchone()
+            cursor.close()
+        except dbapi.Error as exc:
+            connection.close()
+            refused.append(f"{host}:{port or 5432}: {exc}")
+            continue
+        if answer in ("off", False):
+            return connection
+        connection.close()
+        refused.append(f"{host}:{port or 5432}: {'read-only' if attrs == 'read-write' else 'in recovery'}")
+    raise dbapi.OperationalError(f"no host takes writes ({attrs}): " + "; ".join(refused))
 
 
 # ------------------------------------------------------------------------------------------- migrations

@@ -3,7 +3,8 @@
 ``PostgresServer.start()`` runs ``initdb`` into a fresh temporary directory and starts ``postgres`` on a
 free loopback port with trust authentication (as the ``postgres`` OS user when running as root, since
 PostgreSQL refuses to run as root). ``stop(mode)`` and ``start_again()`` let drills take it down and
-bring it back on the same port. Set ``CE_PG_BIN`` to the directory of the server binaries when they
+bring it back on the same port; ``start_standby(primary)``, ``promote()`` and ``demote()`` make a pair to
+fail over. Set ``CE_PG_BIN`` to the directory of the server binaries when they
 are not under ``/usr/lib/postgresql/*/bin`` or on PATH.
 """
 
@@ -111,6 +112,68 @@ class PostgresServer:
         )
         server.start_again()
         return server
+
+    @classmethod
+    def start_standby(cls, primary: PostgresServer, *, port: int | None = None) -> PostgresServer:
+        """A hot standby streaming from ``primary`` (a ``pg_basebackup -R`` copy), for failover tests:
+        ``promote()`` it, ``demote()`` the old primary."""
+        data_dir = Path(tempfile.mkdtemp(prefix="ce-pg-standby-"))
+        if primary.user is not None:
+            entry = pwd.getpwnam(primary.user)
+            os.chown(data_dir, entry.pw_uid, entry.pw_gid)
+        server = cls(
+            bindir=primary.bindir,
+            data_dir=data_dir,
+            port=port or _free_port(),
+            user=primary.user,
+            durable=primary.durable,
+            max_connections=primary.max_connections,
+        )
+        server._run(
+            [
+                str(primary.bindir / "pg_basebackup"),
+                "-D",
+                str(data_dir / "data"),
+                "-R",  # standby.signal and primary_conninfo
+                "-X",
+                "stream",
+                "--no-sync",
+                "--checkpoint=fast",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(primary.port),
+                "-U",
+                "postgres",
+            ]
+        )
+        server.start_again()
+        return server
+
+    def promote(self, timeout: float = 30.0) -> None:
+        """End recovery: a standby becomes a primary (``pg_ctl promote``, waiting until it accepts writes)."""
+        self._run(
+            [
+                str(self.bindir / "pg_ctl"),
+                "promote",
+                "-D",
+                str(self.data_dir / "data"),
+                "-w",
+                "-t",
+                str(int(timeout)),
+            ]
+        )
+
+    def demote(self, timeout: float = 30.0) -> None:
+        """Restart as a hot standby (``standby.signal``, following no one): what a failover makes of the old
+        primary before it is rewound to follow the new one. It answers reads and refuses writes."""
+        self.stop("fast", timeout)
+        signal_file = self.data_dir / "data" / "standby.signal"
+        signal_file.write_text("")
+        if self.user:
+            entry = pwd.getpwnam(self.user)
+            os.chown(signal_file, entry.pw_uid, entry.pw_gid)
+        self.start_again(timeout)
 
     def _run(self, argv: list[str]) -> None:
         result = subprocess.run(

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .db import audit_log, catalog_state, create_engine, deleted_images, images
+from .db import audit_log, catalog_state, create_engine, deleted_images, images, uses_pgbouncer
 from .errors import Conflict, NotFound
 from .schemas import ImageCreateReq, ImageResp, ImageType, Partition, json_encoder
 from .validation import CatalogEntry
@@ -222,6 +222,7 @@ class Store:
         self.engine = engine
         self.url = url
         self.is_postgres = engine.dialect.name == "postgresql"
+        self.pgbouncer = uses_pgbouncer(url)  # a transaction-pooling PgBouncer: see db.create_engine
 
     @classmethod
     def open(cls, url: str, *, statement_timeout: float | None = 5.0) -> Store:
@@ -296,6 +297,8 @@ class Store:
         one snapshot, one round trip) on the driver's own connection: this is the cold path of an org's
         first request, and SQLAlchemy's layers cost more than the query itself here."""
         async with self.engine.connect() as conn:
+            if self.pgbouncer:  # the engine's BEGIN READ WRITE and statement timeout, before the raw query
+                await conn.begin()
             driver: Any = (await conn.get_raw_connection()).driver_connection
             if self.is_postgres:
                 cursor = await driver.execute(_LOAD_POSTGRES, (list(namespaces),))
