@@ -22,7 +22,7 @@ from cluster_engine import db
 from cluster_engine.catalog import Catalog
 from cluster_engine.schemas import ImageResp, ImageType
 from cluster_engine.store import Namespace, Store
-from cluster_engine.validation import read_catalog_entries
+from cluster_engine.validation import ListQuery, read_catalog_entries
 
 from .conftest import STORES, Databases
 from .test_properties import BASE, FakeStore, version
@@ -247,6 +247,62 @@ def test_callers_with_nothing_of_their_own_in_a_selection_share_the_public_answe
         assert "image-3" in names(catalog.list_images(str(org(2)), shelf_2, "eu-1", None))
 
     asyncio.run(run())
+
+
+# ------------------------------------------------------------------------------------ held bodies
+
+
+def test_compressed_bodies_serve_the_same_bytes_as_bodies_held_as_they_are() -> None:
+    """Customized bodies are compressed once the codec has its sample (here 40 of them): every answer,
+    page and item is byte for byte what a catalog holding them as they are serves, before and after
+    writes, and the held bodies really are smaller."""
+
+    async def run() -> None:
+        store = populated(orgs=30, per_org=5)
+        plain = Catalog(store, compress_after=None)  # type: ignore[arg-type]
+        packed = Catalog(store, compress_after=40)  # type: ignore[arg-type]
+        for catalog in (plain, packed):
+            await catalog.refresh()
+            await catalog.preload(batch=3)
+        assert packed._codec.compressing and not plain._codec.compressing
+        customized = [e for e in packed._entries.values() if e.namespace != read_model.PUBLIC]
+        assert sum(e.json[0] != ord("{") for e in customized) == len(customized) - 40
+
+        def same(step: str) -> None:
+            for o in range(1, 31):
+                caller = str(org(o))
+                own_plain, own_packed = plain.org_shelf(caller), packed.org_shelf(caller)
+                assert own_plain is not None and own_packed is not None
+                for idc in (None, "us-west-1", "eu-1"):
+                    a = plain.list_images(caller, own_plain, idc, None)
+                    b = packed.list_images(caller, own_packed, idc, None)
+                    assert (a.body, a.etag) == (b.body, b.etag), (step, caller, idc)
+                    query = ListQuery(idc=idc, product=None, limit=2)
+                    assert (
+                        plain.page(caller, own_plain, query).body
+                        == packed.page(caller, own_packed, query).body
+                    )
+                for entry in own_packed.all:
+                    held = plain.get(entry.id)
+                    assert held is not None and packed.item(entry).body == plain.item(held).body
+
+        same("preloaded")
+        store.write((image(50, org(3), idc="eu-1"), image(51, org(0), ImageType.PUBLIC)), ())
+        for catalog in (plain, packed):
+            await catalog.refresh()
+        same("after writes")
+        assert (
+            sum(len(e.json) for e in customized) < sum(len(plain._entries[e.id].json) for e in customized) / 2
+        )
+
+    asyncio.run(run())
+
+
+def test_a_sample_that_trains_no_dictionary_leaves_bodies_as_they_are() -> None:
+    codec = read_model.BodyCodec(train_after=3)
+    bodies = [b'{"id":"%d"}' % n for n in range(5)]  # far too little to train a dictionary on
+    assert [codec.pack(body) for body in bodies] == bodies
+    assert not codec.compressing and [codec.unpack(body) for body in bodies] == bodies
 
 
 # ------------------------------------------------------------------------------------- real databases

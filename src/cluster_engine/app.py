@@ -152,6 +152,7 @@ def create_app(settings: Settings) -> HotPath:
             cache_size=settings.response_cache_size,
             max_images=settings.cache_images,
             max_orgs=settings.cache_orgs,
+            compress_after=2000 if settings.cache_compress else None,
         )
         catalog.on_refresh_failure = lambda: metrics.db_errors.labels("refresh").inc()
         app.state.store = store

@@ -49,6 +49,7 @@ from urllib.parse import urlencode
 import msgspec
 import xxhash
 
+from .compact import BodyCodec
 from .deadline import within
 from .errors import Unavailable
 from .schemas import ImageType
@@ -70,7 +71,7 @@ class Entry(msgspec.Struct, frozen=True, gc=False):
     smaller (no GC header: it holds only strings, bytes and tuples of them, so it can't be in a cycle)."""
 
     id: str  # canonical lowercase uuid
-    json: bytes  # the image's serialized ImageResp, joined into list bodies as is
+    json: bytes  # the image's serialized ImageResp; a Customized one packed by the catalog's BodyCodec
     key: SortKey  # (createdAt as YYYY-MM-DDTHH:MM:SS.ffffff in UTC, id): string order equals time order
     namespace: str  # "public", or the owner org's id
     idc: str
@@ -125,19 +126,20 @@ def _products(listed: list[str]) -> tuple[str, ...]:
 _revisions: dict[int, int] = {}
 
 
-def make_entry(body: bytes, revision: int) -> Entry:
-    """An entry from an image's stored body (its served JSON)."""
+def make_entry(body: bytes, revision: int, codec: BodyCodec) -> Entry:
+    """An entry from an image's stored body (its served JSON), a Customized one packed by ``codec``."""
     fields = _indexed.decode(body)
     shared = _revisions.get(revision)
     if shared is None:
         if len(_revisions) >= 100_000:
             _revisions.clear()
         shared = _revisions[revision] = revision
+    public = fields.type == "Public"
     return Entry(
         fields.id,
-        body,
+        body if public else codec.pack(body),
         (_created_key(fields.createdAt), fields.id),
-        PUBLIC if fields.type == "Public" else sys.intern(fields.orgId),
+        PUBLIC if public else sys.intern(fields.orgId),
         sys.intern(fields.idc),
         _products(fields.supportedProducts),
         shared,
@@ -291,8 +293,8 @@ class Rendered:
         )
 
 
-def render(entries: Iterable[Entry], link: bytes | None = None) -> Rendered:
-    return Rendered.of(b"[" + b",".join(entry.json for entry in entries) + b"]", link)
+def render(entries: Iterable[Entry], unpack: Callable[[bytes], bytes], link: bytes | None = None) -> Rendered:
+    return Rendered.of(b"[" + b",".join([unpack(entry.json) for entry in entries]) + b"]", link)
 
 
 def next_link(query: ListQuery, last: SortKey) -> bytes:
@@ -311,8 +313,9 @@ class Catalog:
         *,
         freshness_bound: float = 1.0,
         cache_size: int = 4096,
-        max_images: int = 200_000,
+        max_images: int = 1_500_000,
         max_orgs: int = 100_000,
+        compress_after: int | None = 2000,
     ) -> None:
         self.store = store
         self.freshness_bound = freshness_bound
@@ -338,7 +341,8 @@ class Catalog:
         self._cached = 0
         self._pages: dict[str, dict[ListQuery, Rendered]] = {}
         self._paged = 0
-        self._items: dict[str, Rendered] = {}
+        self._items: dict[str, tuple[Entry, Rendered]] = {}
+        self._codec = BodyCodec(train_after=compress_after)
         self._refresh_lock = asyncio.Lock()
         self._refresh_task: asyncio.Task[None] | None = None
         self.on_refresh_failure: Callable[[], None] | None = None  # e.g. a metrics hook
@@ -362,7 +366,8 @@ class Catalog:
         if rendered is None:
             public = self._public.select(idc, product)
             # both are sorted: Timsort merges the two runs in C, several times faster than heapq.merge
-            rendered = render(sorted([*public, *mine], key=_sort_key) if mine else public)
+            unpack = self._codec.unpack
+            rendered = render(sorted([*public, *mine], key=_sort_key) if mine else public, unpack)
             if self.cache_size:
                 if self._cached >= self.cache_size:
                     self._cached -= len(self._cache.pop(next(iter(self._cache))))
@@ -390,7 +395,7 @@ class Catalog:
             if len(entries) > limit:
                 del entries[limit:]
                 link = next_link(query, entries[-1].key)
-            rendered = render(entries, link)
+            rendered = render(entries, self._codec.unpack, link)
             if self.cache_size:
                 if self._paged >= self.cache_size:
                     self._paged -= len(self._pages.pop(next(iter(self._pages))))
@@ -400,13 +405,14 @@ class Catalog:
 
     def item(self, entry: Entry) -> Rendered:
         """One image's answer (body, ETag, headers), built once per state of the image."""
-        rendered = self._items.get(entry.id)
-        if rendered is None or rendered.body is not entry.json:  # a new state of the image: rebuild
-            rendered = Rendered.of(entry.json)
-            if self.cache_size:
-                if len(self._items) >= self.cache_size * 16:
-                    del self._items[next(iter(self._items))]
-                self._items[entry.id] = rendered
+        held = self._items.get(entry.id)
+        if held is not None and held[0] is entry:
+            return held[1]
+        rendered = Rendered.of(self._codec.unpack(entry.json))  # a new state of the image: rebuild
+        if self.cache_size:
+            if len(self._items) >= self.cache_size * 16:
+                del self._items[next(iter(self._items))]
+            self._items[entry.id] = (entry, rendered)
         return rendered
 
     def get(self, image_id: str) -> Entry | None:
@@ -490,7 +496,7 @@ class Catalog:
                 self._forget_answers(org)
             shelves[org] = shelf
         for body, image_revision in images:
-            entry = make_entry(body, image_revision)
+            entry = make_entry(body, image_revision, self._codec)
             found = fresh.get(entry.namespace)
             if found is not None and entry.id not in self._entries:
                 found.append(entry)
@@ -624,7 +630,7 @@ class Catalog:
 
     def _hold_public(self, images: list[Stored]) -> None:
         """The first load of the Public images (one sort, however many)."""
-        entries = [make_entry(body, revision) for body, revision in images]
+        entries = [make_entry(body, revision, self._codec) for body, revision in images]
         if self._public:
             for entry in entries:
                 self._upsert(entry)
@@ -642,7 +648,7 @@ class Catalog:
             if entry is not None and entry.revision < revision:
                 self._discard(entry)
         for body, revision in changes.upserted:
-            self._upsert(make_entry(body, revision))
+            self._upsert(make_entry(body, revision, self._codec))
         self.revision = max(changes.revision, self.revision or 0)
         self._cursor = changes.revision if self._rewind is None else min(changes.revision, self._rewind)
         self._rewind = None

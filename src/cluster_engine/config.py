@@ -84,7 +84,8 @@ class Settings:
     freshness_bound: float = 1.0
     poll_interval: float = 0.25
     response_cache_size: int = 4096
-    cache_images: int = 200_000
+    cache_images: int = 1_500_000
+    cache_compress: bool = True
     header_timeout: float = 10.0
     max_header_bytes: int = 65_536
     access_log: bool = True
@@ -163,9 +164,18 @@ SETTINGS: tuple[Setting, ...] = (
         "CE_CACHE_IMAGES",
         "cache_images",
         _int("CE_CACHE_IMAGES", 0, 100_000_000),
-        "Customized images held in memory at most (about 1 KB each; least recently used orgs are dropped "
-        "and reloaded from the database on their next request); Public images are always held. A worker "
-        "holds every org that fits before it is ready.",
+        "Customized images held in memory at most (about 0.5 KB each with CE_CACHE_COMPRESS, 1 KB without: "
+        "1.5 million take about 0.75 GiB; least recently used orgs are dropped and reloaded from the "
+        "database on their next request); Public images are always held. A worker holds every org that "
+        "fits before it is ready.",
+    ),
+    Setting(
+        "CE_CACHE_COMPRESS",
+        "cache_compress",
+        _bool("CE_CACHE_COMPRESS"),
+        "Hold Customized images' JSON compressed (zstd, with a dictionary trained on the first 2,000 "
+        "held): about 0.45 KB per held image instead of 1 KB, for 1-3 µs per image when an answer "
+        "showing it is rendered again (answers are cached); Public images are never compressed.",
     ),
     Setting(
         "CE_HTTP_HEADER_TIMEOUT",
