@@ -4,7 +4,7 @@
     .venv/bin/python bench/orgs.py [--sizes 100000] [--duration 10] [--rounds 2] [--connections 64]
                                    [--warmup 3] [--restart-duration 10] [--pairs 1] [--write-rate 10]
                                    [--scenarios single,spread,…] [--quick] [--store sqlite|postgresql]
-                                   [--out FILE.md] [--keep]
+                                   [--out FILE.md] [--keep] [--reuse KEPT_WORKDIR]
 
 Per catalog size N: a deterministic catalog shaped like real traffic (the 800 Public images of
 bench/run.py, then Customized images in orgs of 80, plus as many orgs without any), loaded with
@@ -505,6 +505,7 @@ class Options:
     store: str
     out: Path | None
     keep: bool
+    reuse: Path | None
 
 
 @dataclasses.dataclass
@@ -597,11 +598,20 @@ def bench_size(n: int, opts: Options, cores: core.Cores, store: core.Store, work
     env = store.env_for(n)
     if store.kind == "postgresql":
         core.run_checked([core.CLUSTER_ENGINE, "db", "upgrade"], env, timeout=300)
-    log(f"N={n}: importing {catalog.size_bytes / 1e6:.1f} MB with `cluster-engine catalog import`")
-    output, import_s, import_rss = core.run_measured(
-        [core.CLUSTER_ENGINE, "catalog", "import", str(catalog_path)], env, 6 * 3600, sizedir
-    )
-    log(f"N={n}: import took {import_s:.1f}s (peak RSS {import_rss / 1024:.0f} MiB): {output.strip()}")
+    imported = None if opts.reuse is None else opts.reuse / f"data-{n}"
+    if imported is not None:  # the database of an earlier run with --keep, copied (scenarios write)
+        data_dir = Path(env["CE_DATA_DIR"])
+        for name in ("cluster-engine.db", "cluster-engine.db-wal"):
+            if (imported / name).exists():
+                shutil.copyfile(imported / name, data_dir / name)
+        output, import_s, import_rss = f"reused the import in {imported}", 0.0, 0
+        log(f"N={n}: {output}")
+    else:
+        log(f"N={n}: importing {catalog.size_bytes / 1e6:.1f} MB with `cluster-engine catalog import`")
+        output, import_s, import_rss = core.run_measured(
+            [core.CLUSTER_ENGINE, "catalog", "import", str(catalog_path)], env, 6 * 3600, sizedir
+        )
+        log(f"N={n}: import took {import_s:.1f}s (peak RSS {import_rss / 1024:.0f} MiB): {output.strip()}")
     if not opts.keep:
         catalog_path.unlink()
     cli_token = core.run_checked(
@@ -911,6 +921,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown summary here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (catalogs, logs)")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="SQLite: copy each size's imported database from this work directory (kept by --keep) "
+        "instead of importing again",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.duration, args.rounds, args.warmup, args.restart_duration = [10_000], 2, 1, 1, 3
@@ -920,6 +937,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         parser.error("--write-rate must be in (0, 1000]")
     if any(n <= core.N_PUBLIC + IMAGES_PER_ORG for n in args.sizes):
         parser.error(f"every size must exceed {core.N_PUBLIC + IMAGES_PER_ORG} (Public images + one org)")
+    if args.reuse is not None:
+        missing = [n for n in args.sizes if not (args.reuse / f"data-{n}" / "cluster-engine.db").is_file()]
+        if args.store != "sqlite" or missing:
+            parser.error(f"--reuse needs --store sqlite and a kept import of every size (missing: {missing})")
     if "single" not in args.scenarios:
         args.scenarios = ["single", *args.scenarios]  # the reference of every ratio
     return Options(
@@ -936,6 +957,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         store=args.store,
         out=args.out,
         keep=args.keep,
+        reuse=args.reuse,
     )
 
 
