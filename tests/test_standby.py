@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from cluster_engine import db
+from cluster_engine.config import ConfigError, load_settings
 from cluster_engine.pgserver import PostgresServer, PostgresUnavailable
 from cluster_engine.testing import LiveServer
 
@@ -268,3 +269,31 @@ def test_with_the_standby_down_reads_go_to_the_primary_and_come_back(pair: Pair,
         assert writes.post("/v1/images", json=public("back")).status_code == 201
         served_within_bound(client, "back", time.monotonic())
     print(f"standby down: the new image was served {delay * 1000:.0f} ms after the write (from the primary)")
+
+
+@pytest.mark.parametrize(
+    ("database_url", "read_url", "error"),
+    [
+        ("sqlite:///x.db", "postgresql://ce@standby/ce", "needs a PostgreSQL CE_DATABASE_URL"),
+        ("postgresql://ce@primary/ce", "sqlite:///x.db", "must be postgresql://"),
+        ("postgresql://ce@primary/ce", "postgresql://ce@primary/ce", "leave it unset"),
+        ("postgresql://ce@primary/ce", "postgresql://ce@standby/ce?pgbouncer=maybe", "true or false"),
+        (
+            "postgresql://ce@primary/ce",
+            "postgresql://ce@s1,s2/ce?target_session_attrs=read-write",
+            "would read from the primary",
+        ),
+    ],
+)
+def test_a_read_url_that_makes_no_sense_is_refused(database_url: str, read_url: str, error: str) -> None:
+    env = {"CE_DATABASE_URL": database_url, "CE_DATABASE_READ_URL": read_url}
+    with pytest.raises(ConfigError, match=error):
+        load_settings(env)
+
+
+def test_a_standby_read_url_is_accepted() -> None:
+    env = {
+        "CE_DATABASE_URL": "postgresql://ce@p1,p2/ce?target_session_attrs=read-write",
+        "CE_DATABASE_READ_URL": "postgresql://ce@standby:6432/ce?pgbouncer=true",
+    }
+    assert load_settings(env).database_read_url == env["CE_DATABASE_READ_URL"]
