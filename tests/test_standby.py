@@ -12,6 +12,9 @@ the standby behind, and any read of images on the primary would be a bug, not a 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import re
 import time
 import uuid
@@ -25,8 +28,12 @@ import pytest
 
 from cluster_engine import db
 from cluster_engine.config import ConfigError, load_settings
+from cluster_engine.pgbouncer import PgBouncer, PgBouncerUnavailable
 from cluster_engine.pgserver import PostgresServer, PostgresUnavailable
+from cluster_engine.standby import Standby
+from cluster_engine.store import Actor, Store
 from cluster_engine.testing import LiveServer
+from cluster_engine.validation import read_create_request
 
 from .conftest import IN_CI
 from .test_postgres import image_entry
@@ -269,6 +276,78 @@ def test_with_the_standby_down_reads_go_to_the_primary_and_come_back(pair: Pair,
         assert writes.post("/v1/images", json=public("back")).status_code == 201
         served_within_bound(client, "back", time.monotonic())
     print(f"standby down: the new image was served {delay * 1000:.0f} ms after the write (from the primary)")
+
+
+@pytest.mark.parametrize("via", ["direct", "pgbouncer"])
+def test_a_stores_standby_reads_are_never_behind_what_it_has_seen(
+    pair: Pair, tmp_path: Path, via: str
+) -> None:
+    """The Store itself, reading from the standby directly or through a transaction-pooling PgBouncer
+    (READ ONLY transactions): polls, org loads and warm-start loads with replay paused come from the
+    primary and hold the newest write; once replay resumes they come from the standby again."""
+    database_ = database(pair, remote_apply=False)
+    app = database_.name
+    org = uuid.uuid4()
+    with contextlib.ExitStack() as stack:
+        standby_url = f"{database_.standby_url}?application_name={app}"
+        if via == "pgbouncer":
+            try:
+                bouncer = stack.enter_context(PgBouncer.start(pair.standby.port))
+            except PgBouncerUnavailable:
+                if IN_CI:
+                    raise
+                pytest.skip("pgbouncer not found (apt-get install pgbouncer)")
+            standby_url = bouncer.url(standby_url)
+        asyncio.run(_store_reads(pair, database_, standby_url, org))
+
+
+async def _store_reads(pair: Pair, database_: Database, standby_url: str, org: uuid.UUID) -> None:
+    app = database_.name
+    primary_url = f"{database_.primary_url}?application_name={app}"
+    store = Store(db.create_engine(primary_url), primary_url, standby=Standby.open(standby_url))
+    actor = Actor(None, "test")
+
+    async def create(name: str) -> None:
+        spec, kind = read_create_request({**image_entry("sb-1", name), "orgId": str(org)})
+        await store.create_image(spec, kind, actor)
+
+    def listed(stored: list[tuple[bytes, int]]) -> set[str]:
+        return {json.loads(body)["name"] for body, _ in stored}
+
+    try:
+        await create("first")
+        await asyncio.to_thread(pair.standby.wait_replayed, pair.primary)
+        changes = await store.changes_since(0)
+        assert listed(changes.upserted) == {"first"}
+        primary_reads = image_reads(pair.primary, app)
+        assert image_reads(pair.standby, app) > 0 and primary_reads == 0
+
+        await asyncio.to_thread(pair.standby.pause_replay)
+        await create("second")
+        changes = await store.changes_since(changes.revision)
+        assert listed(changes.upserted) == {"second"}  # from the primary: the standby is behind
+        assert image_reads(pair.primary, app) > primary_reads
+        # an org load and a warm start join a catalog at that revision: from the primary too
+        loaded = await store.load_namespaces([str(org)])
+        assert loaded.revision >= changes.revision and listed(loaded.images) == {"first", "second"}
+        batches = [batch async for batch in store.customized()]
+        assert batches[0][0] >= changes.revision
+        assert listed([stored for _, rows in batches for _, stored in rows]) == {"first", "second"}
+        rows = await asyncio.to_thread(
+            pair.standby.query, "SELECT count(*) FROM images WHERE name = 'second'", database_.name
+        )
+        assert rows == [(0,)]  # the standby really was behind all along
+
+        await asyncio.to_thread(pair.standby.resume_replay)
+        await asyncio.to_thread(pair.standby.wait_replayed, pair.primary)
+        assert (await store.changes_since(changes.revision)).upserted == []  # and it is current again
+        standby_reads, primary_reads = image_reads(pair.standby, app), image_reads(pair.primary, app)
+        loaded = await store.load_namespaces([str(org)])
+        assert listed(loaded.images) == {"first", "second"}
+        assert image_reads(pair.standby, app) > standby_reads
+        assert image_reads(pair.primary, app) == primary_reads
+    finally:
+        await store.close()
 
 
 @pytest.mark.parametrize(
