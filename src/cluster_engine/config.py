@@ -128,7 +128,8 @@ SETTINGS: tuple[Setting, ...] = (
         "primary. Each poll still asks the primary for its catalog revision (one indexed row) and reads "
         "the changes from the standby only once the standby shows that revision, so a standby that lags "
         "(replay paused, a slow link) or fails never makes a worker serve data older than "
-        "CE_FRESHNESS_BOUND: reads then go to the primary (the standby is tried again every 2 s).",
+        "CE_FRESHNESS_BOUND: reads then go to the primary (the standby is tried again every 2 s). Each "
+        "worker keeps a pool on the standby as well (CE_DB_POOL_SIZE, CE_DB_POOL_OVERFLOW).",
     ),
     Setting("CE_JWT_SECRET", "jwt_secret", _optional_str, "Shared secret for HS256 tokens."),
     Setting(
