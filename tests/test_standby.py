@@ -350,6 +350,31 @@ async def _store_reads(pair: Pair, database_: Database, standby_url: str, org: u
         await store.close()
 
 
+def test_a_failing_standby_query_is_answered_from_the_primary(pair: Pair) -> None:
+    """An org load's raw query failing on the "standby" (psycopg's own error, not SQLAlchemy's: here a
+    database with a catalog_state and no images table) is answered from the primary, and the standby is
+    left alone for a while."""
+    primary_url = pair.primary.create_database()
+    db.upgrade(primary_url)
+    broken = pair.primary.create_database()
+    name = broken.rsplit("/", 1)[1]
+    pair.primary.query("CREATE TABLE catalog_state (id int PRIMARY KEY, revision bigint)", name)
+    pair.primary.query("INSERT INTO catalog_state VALUES (1, 1000000)", name)
+
+    async def run() -> tuple[int, bool]:
+        standby = Standby.open(broken)
+        store = Store(db.create_engine(primary_url), primary_url, standby=standby)
+        try:
+            loaded = await store.load_namespaces([str(uuid.uuid4())])
+            return loaded.revision, standby.usable()
+        finally:
+            await store.close()
+
+    revision, usable = asyncio.run(run())
+    assert revision == 0  # the primary's (a freshly migrated catalog), not the broken one's
+    assert not usable
+
+
 @pytest.mark.parametrize(
     ("database_url", "read_url", "error"),
     [

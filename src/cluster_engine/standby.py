@@ -47,6 +47,15 @@ STANDBY_TIMEOUT = 0.5  # a standby read (beyond its catch-up wait) that takes lo
 _STEP = 0.005  # between two looks at the standby's revision while it catches up
 
 
+def _failures() -> tuple[type[BaseException], ...]:
+    """What a standby read may fail with: SQLAlchemy's errors, and psycopg's own from the raw queries
+    of org loads (a statement cancelled by a replay conflict, say); the standby is PostgreSQL, so psycopg
+    is there."""
+    import psycopg
+
+    return (sa.exc.SQLAlchemyError, psycopg.Error, OSError, TimeoutError)
+
+
 async def current_revision(conn: AsyncConnection) -> int:
     revision = await conn.scalar(sa.select(catalog_state.c.revision).where(catalog_state.c.id == 1))
     if revision is None:
@@ -97,7 +106,8 @@ class Standby:
     def failed(self, exc: BaseException) -> None:
         self.down_until = time.monotonic() + RETRY_AFTER
         self.current = False
-        self._enter("down", exc.__class__.__name__)
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        self._enter("down", f"{exc.__class__.__name__}: {detail}" if detail else exc.__class__.__name__)
 
     async def _caught_up(self, conn: AsyncConnection, target: int) -> None:
         """Return once the standby's catalog revision is ``target`` or later; ``Behind`` if it is not
@@ -122,7 +132,7 @@ class Standby:
             await within(self._on_standby(target, _nothing), STANDBY_TIMEOUT)
         except Behind:
             return
-        except (sa.exc.SQLAlchemyError, OSError, TimeoutError) as exc:
+        except _failures() as exc:
             self.failed(exc)
             return
         self.current = True
@@ -145,7 +155,7 @@ class Standby:
             except Behind:
                 self.current = False
                 self._enter("behind")
-            except (sa.exc.SQLAlchemyError, OSError, TimeoutError) as exc:
+            except _failures() as exc:
                 self.failed(exc)
             else:
                 self.current = True
@@ -166,7 +176,7 @@ class Standby:
             except Behind:
                 self.current = False
                 self._enter("behind")
-            except (sa.exc.SQLAlchemyError, OSError, TimeoutError) as exc:
+            except _failures() as exc:
                 if isinstance(exc, TimeoutError):  # it may connect later: close that connection then
                     connecting.add_done_callback(_close_when_connected)
                 self.failed(exc)
