@@ -31,6 +31,7 @@ from .errors import INTERNAL_ERROR_BODY, ApiError, MethodNotAllowed, NotFound, U
 from .hotpath import GetImage, HotPath, ListImages
 from .observability import AccessLog, Metrics, Observability, Observer
 from .schemas import json_encoder
+from .standby import Standby
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,13 @@ def create_app(settings: Settings) -> HotPath:
                 max_overflow=settings.db_pool_overflow,
             ),
             settings.database_url,
+            standby=None
+            if settings.database_read_url is None
+            else Standby.open(
+                settings.database_read_url,
+                pool_size=settings.db_pool_size,
+                max_overflow=settings.db_pool_overflow,
+            ),
         )
         catalog = Catalog(
             store,

@@ -93,6 +93,7 @@ class Settings:
     db_pool_size: int = 1
     db_pool_overflow: int = 1
     db_listen: bool = False
+    database_read_url: str | None = None
 
     @property
     def dev_secret_path(self) -> Path:
@@ -118,6 +119,18 @@ SETTINGS: tuple[Setting, ...] = (
         "pair, libpq's multi-host form postgresql://USER@H1:P1,H2:P2/DB?target_session_attrs=read-write "
         "(see deploy/ha/). Add pgbouncer=true to the query when the URL points at a PgBouncer in "
         "transaction-pooling mode (no prepared statements, statement timeout per transaction; see README).",
+    ),
+    Setting(
+        "CE_DATABASE_READ_URL",
+        "database_read_url",
+        _optional_str,
+        "PostgreSQL only: a hot standby of CE_DATABASE_URL's primary (postgresql://…, pgbouncer=true "
+        "allowed) that change polling and org loads read from; writes, migrations and audit stay on the "
+        "primary. Each poll still asks the primary for its catalog revision (one indexed row) and reads "
+        "the changes from the standby only once the standby shows that revision, so a standby that lags "
+        "(replay paused, a slow link) or fails never makes a worker serve data older than "
+        "CE_FRESHNESS_BOUND: reads then go to the primary (the standby is tried again every 2 s). Each "
+        "worker keeps a pool on the standby as well (CE_DB_POOL_SIZE, CE_DB_POOL_OVERFLOW).",
     ),
     Setting("CE_JWT_SECRET", "jwt_secret", _optional_str, "Shared secret for HS256 tokens."),
     Setting(
@@ -264,4 +277,33 @@ def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:
                 "CE_DB_LISTEN=true cannot work through a transaction-pooling PgBouncer (pgbouncer=true in "
                 "CE_DATABASE_URL): leave it off (changes arrive by polling, CE_POLL_INTERVAL)"
             )
+    if settings.database_read_url is not None:
+        _check_read_url(settings)
     return settings
+
+
+def _check_read_url(settings: Settings) -> None:
+    from urllib.parse import parse_qsl, urlsplit
+
+    from .db import uses_pgbouncer
+
+    read_url = settings.database_read_url
+    assert read_url is not None
+    if not settings.database_url.startswith("postgres"):
+        raise ConfigError(
+            "CE_DATABASE_READ_URL needs a PostgreSQL CE_DATABASE_URL (a hot standby of its primary)"
+        )
+    if not read_url.startswith(("postgresql:", "postgres:")):
+        raise ConfigError(f"CE_DATABASE_READ_URL must be postgresql://… (a hot standby), got {read_url!r}")
+    try:
+        uses_pgbouncer(read_url)
+    except ValueError as exc:
+        raise ConfigError(f"CE_DATABASE_READ_URL: {exc}") from None
+    if read_url == settings.database_url:
+        raise ConfigError("CE_DATABASE_READ_URL is CE_DATABASE_URL: leave it unset to read from the primary")
+    attrs = dict(parse_qsl(urlsplit(read_url).query)).get("target_session_attrs")
+    if attrs in ("read-write", "primary"):
+        raise ConfigError(
+            f"CE_DATABASE_READ_URL with target_session_attrs={attrs} would read from the primary: name "
+            "the standby (target_session_attrs=standby or prefer-standby for several)"
+        )

@@ -152,13 +152,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def create_engine(
-    url: str, *, statement_timeout: float | None = 5.0, pool_size: int = 5, max_overflow: int = 5
+    url: str,
+    *,
+    statement_timeout: float | None = 5.0,
+    pool_size: int = 5,
+    max_overflow: int = 5,
+    read_only: bool = False,
 ) -> AsyncEngine:
     """An async engine with a bounded pool and timeouts, so a dead database fails fast instead of hanging.
     On PostgreSQL the pool holds ``pool_size`` connections at rest and at most ``pool_size + max_overflow``
     (a serving worker's budget, see CE_DB_POOL_SIZE); SQLite's pool is SQLAlchemy's own.
     ``statement_timeout`` (seconds; None or 0: none) is a startup parameter of every connection, except
-    through PgBouncer (``pgbouncer=true``): see ``_through_pgbouncer``."""
+    through PgBouncer (``pgbouncer=true``): see ``_through_pgbouncer``. ``read_only``: the engine of a
+    standby (CE_DATABASE_READ_URL), whose transactions through PgBouncer begin READ ONLY."""
     driver_url = async_url(url)
     if driver_url.startswith("sqlite"):
         path = sqlite_path(url)
@@ -193,11 +199,11 @@ def create_engine(
         },
     )
     if pooled:
-        _through_pgbouncer(engine, timeout_ms)
+        _through_pgbouncer(engine, timeout_ms, read_only=read_only)
     return engine
 
 
-def _through_pgbouncer(engine: AsyncEngine, timeout_ms: int) -> None:
+def _through_pgbouncer(engine: AsyncEngine, timeout_ms: int, *, read_only: bool = False) -> None:
     """What changes through a transaction-pooling PgBouncer, where each transaction may run on another
     server connection and no session state follows the client:
 
@@ -217,9 +223,10 @@ def _through_pgbouncer(engine: AsyncEngine, timeout_ms: int) -> None:
       the promoted one. So a multi-host URL's hosts are tried here, each asked with a query; and
       ``READ WRITE`` fails the first transaction on a node that became a standby (reads included: a
       standby cannot confirm the catalog is current), which drops the pool's connections as a
-      disconnect does. See deploy/ha/.
+      disconnect does. See deploy/ha/. A standby's engine (``read_only``) begins READ ONLY instead and
+      takes any host.
     """
-    begin = f"BEGIN READ WRITE; SET LOCAL statement_timeout = {timeout_ms}"
+    begin = f"BEGIN READ {'ONLY' if read_only else 'WRITE'}; SET LOCAL statement_timeout = {timeout_ms}"
 
     def on_begin(conn: sa.Connection) -> None:
         conn.exec_driver_sql(begin)
@@ -238,8 +245,9 @@ def _through_pgbouncer(engine: AsyncEngine, timeout_ms: int) -> None:
         )
 
     event.listen(engine.sync_engine, "begin", on_begin)
-    event.listen(engine.sync_engine, "handle_error", on_error)
-    event.listen(engine.sync_engine, "do_connect", _connect_to_a_writable_host)
+    if not read_only:
+        event.listen(engine.sync_engine, "handle_error", on_error)
+        event.listen(engine.sync_engine, "do_connect", _connect_to_a_writable_host)
 
 
 def _connect_to_a_writable_host(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:

@@ -4,8 +4,9 @@
 free loopback port with trust authentication (as the ``postgres`` OS user when running as root, since
 PostgreSQL refuses to run as root). ``stop(mode)`` and ``start_again()`` let drills take it down and
 bring it back on the same port; ``start_standby(primary)``, ``promote()`` and ``demote()`` make a pair to
-fail over. Set ``CE_PG_BIN`` to the directory of the server binaries when they
-are not under ``/usr/lib/postgresql/*/bin`` or on PATH.
+fail over, and ``pause_replay()``/``resume_replay()`` make a standby lag. ``settings`` adds server
+settings (``-c name=value``), which a standby inherits. Set ``CE_PG_BIN`` to the directory of the server
+binaries when they are not under ``/usr/lib/postgresql/*/bin`` or on PATH.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .pids import descendants
@@ -74,6 +75,7 @@ class PostgresServer:
     durable: bool = False  # True: PostgreSQL's own fsync/commit defaults (drills that kill the server)
     max_connections: int = 200  # above PostgreSQL's stock 100: test suites open many pools
     process: subprocess.Popen[bytes] | None = None
+    settings: Mapping[str, str] = field(default_factory=dict)  # more -c settings (e.g. log_statement)
 
     @classmethod
     def start(
@@ -83,6 +85,7 @@ class PostgresServer:
         port: int | None = None,
         durable: bool = False,
         max_connections: int = 200,
+        settings: Mapping[str, str] | None = None,
     ) -> PostgresServer:
         bindir = bindir or find_bindir()
         data_dir = Path(tempfile.mkdtemp(prefix="ce-pg-"))
@@ -97,6 +100,7 @@ class PostgresServer:
             user=user,
             durable=durable,
             max_connections=max_connections,
+            settings=dict(settings or {}),
         )
         server._run(
             [
@@ -128,6 +132,7 @@ class PostgresServer:
             user=primary.user,
             durable=primary.durable,
             max_connections=primary.max_connections,
+            settings=dict(primary.settings),
         )
         server._run(
             [
@@ -174,6 +179,38 @@ class PostgresServer:
             entry = pwd.getpwnam(self.user)
             os.chown(signal_file, entry.pw_uid, entry.pw_gid)
         self.start_again(timeout)
+
+    def query(self, sql: str, database: str = "postgres") -> list[tuple[object, ...]]:
+        """Run one statement as the superuser (autocommit) and return its rows."""
+        import psycopg
+
+        url = f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+            cursor = conn.execute(sql)
+            return list(cursor.fetchall()) if cursor.description else []
+
+    def pause_replay(self, timeout: float = 10.0) -> None:
+        """A standby stops applying WAL (it still receives it and answers reads, at the revision it had):
+        ``pg_wal_replay_pause()``. Replay pauses before the next record it would apply, so nothing
+        committed on the primary after this returns is visible here until ``resume_replay()``."""
+        self.query("SELECT pg_wal_replay_pause()")
+        deadline = time.monotonic() + timeout
+        while self.query("SELECT pg_get_wal_replay_pause_state()")[0][0] == "not paused":
+            if time.monotonic() > deadline:
+                raise TimeoutError("replay did not take the pause request")
+            time.sleep(0.01)
+
+    def resume_replay(self) -> None:
+        self.query("SELECT pg_wal_replay_resume()")
+
+    def wait_replayed(self, primary: PostgresServer, timeout: float = 10.0) -> None:
+        """Wait until this standby has applied everything ``primary`` had written when called."""
+        (target,) = primary.query("SELECT pg_current_wal_lsn()::text")[0]
+        deadline = time.monotonic() + timeout
+        while not self.query(f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn")[0][0]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the standby did not replay up to {target} in {timeout}s")
+            time.sleep(0.01)
 
     def _run(self, argv: list[str]) -> None:
         result = subprocess.run(
@@ -222,6 +259,7 @@ class PostgresServer:
                 f"max_connections={self.max_connections}",
                 "-c",
                 "shared_buffers=128MB",
+                *(arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

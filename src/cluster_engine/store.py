@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .db import audit_log, catalog_state, create_engine, deleted_images, images, uses_pgbouncer
 from .errors import Conflict, NotFound
 from .schemas import ImageCreateReq, ImageResp, ImageType, Partition, json_encoder
+from .standby import Standby, current_revision
 from .validation import CatalogEntry
 
 PUBLIC_NAMESPACE = "public"
@@ -218,11 +219,15 @@ class ImportReport:
 
 
 class Store:
-    def __init__(self, engine: AsyncEngine, url: str) -> None:
+    """The catalog's database. With a ``standby`` (CE_DATABASE_READ_URL), change polling and org loads
+    read from it whenever it proves it is current (see standby.py); everything else uses ``engine``."""
+
+    def __init__(self, engine: AsyncEngine, url: str, *, standby: Standby | None = None) -> None:
         self.engine = engine
         self.url = url
         self.is_postgres = engine.dialect.name == "postgresql"
         self.pgbouncer = uses_pgbouncer(url)  # a transaction-pooling PgBouncer: see db.create_engine
+        self.standby = standby
 
     @classmethod
     def open(cls, url: str, *, statement_timeout: float | None = 5.0) -> Store:
@@ -243,45 +248,53 @@ class Store:
                 yield notify.payload
 
     async def close(self) -> None:
+        if self.standby is not None:
+            await self.standby.close()
         await self.engine.dispose()
 
     # ---------------------------------------------------------------------------------------- reads
 
     async def revision(self) -> int:
+        """The catalog's current revision, on the primary (what a standby read must reach)."""
         async with self.engine.connect() as conn:
-            value = await conn.scalar(sa.select(catalog_state.c.revision).where(catalog_state.c.id == 1))
-        if value is None:
-            raise RuntimeError("catalog_state is empty: the database is not migrated")
-        return int(value)
+            return await current_revision(conn)
 
-    @staticmethod
-    async def _current_revision(conn: AsyncConnection) -> int:
-        revision = await conn.scalar(sa.select(catalog_state.c.revision).where(catalog_state.c.id == 1))
-        if revision is None:
-            raise RuntimeError("catalog_state is empty: the database is not migrated")
-        return int(revision)
+    _current_revision = staticmethod(current_revision)
 
     async def changes_since(self, since: int) -> Changes:
-        """Everything committed after revision ``since``, up to the current revision."""
-        async with self.engine.connect() as conn:
-            revision = await self._current_revision(conn)
-            if revision == since:
-                return Changes(revision=since, upserted=[], deleted=[])
-            window = (since, revision)
-            rows = (
-                await conn.execute(
-                    sa.select(images.c.body, images.c.revision).where(
-                        images.c.revision > window[0], images.c.revision <= window[1]
-                    )
+        """Everything committed after revision ``since``, up to the current revision (at least the
+        primary's at the call: from the standby only when it has replayed that far)."""
+        standby = self.standby
+        if standby is None:
+            async with self.engine.connect() as conn:
+                return await self._changes(conn, since)
+        target = await self.revision()
+        if target == since:
+            await standby.recheck(target)
+            return Changes(revision=since, upserted=[], deleted=[])
+        changes = await standby.read(self.engine, target, lambda conn: self._changes(conn, since))
+        standby.note(changes.revision)
+        return changes
+
+    async def _changes(self, conn: AsyncConnection, since: int) -> Changes:
+        revision = await self._current_revision(conn)
+        if revision == since:
+            return Changes(revision=since, upserted=[], deleted=[])
+        window = (since, revision)
+        rows = (
+            await conn.execute(
+                sa.select(images.c.body, images.c.revision).where(
+                    images.c.revision > window[0], images.c.revision <= window[1]
                 )
-            ).all()
-            deleted = (
-                await conn.execute(
-                    sa.select(deleted_images.c.id, deleted_images.c.revision).where(
-                        deleted_images.c.revision > window[0], deleted_images.c.revision <= window[1]
-                    )
+            )
+        ).all()
+        deleted = (
+            await conn.execute(
+                sa.select(deleted_images.c.id, deleted_images.c.revision).where(
+                    deleted_images.c.revision > window[0], deleted_images.c.revision <= window[1]
                 )
-            ).all()
+            )
+        ).all()
         return Changes(
             revision=revision,
             upserted=[(r.body, int(r.revision)) for r in rows],
@@ -289,23 +302,41 @@ class Store:
         )
 
     async def load_namespace(self, namespace: str) -> Namespace:
-        """Every image of a namespace; rows written up to the returned revision are all included."""
-        return await self.load_namespaces([namespace])
+        """Every image of a namespace; rows written up to the returned revision are all included, and
+        that revision is at least the primary's at the call (the catalog's first load confirms freshness
+        with it)."""
+        if self.standby is None:
+            return await self.load_namespaces([namespace])
+        target = await self.revision()
+        return await self._load_from_standby(self.standby, [namespace], target)
 
     async def load_namespaces(self, namespaces: Sequence[str]) -> Namespace:
         """Every image of these namespaces and the revision they are complete for, in one statement (so
         one snapshot, one round trip) on the driver's own connection: this is the cold path of an org's
-        first request, and SQLAlchemy's layers cost more than the query itself here."""
-        async with self.engine.connect() as conn:
-            if self.pgbouncer:  # the engine's BEGIN READ WRITE and statement timeout, before the raw query
-                await conn.begin()
-            driver: Any = (await conn.get_raw_connection()).driver_connection
-            if self.is_postgres:
-                cursor = await driver.execute(_LOAD_POSTGRES, (list(namespaces),))
-                rows = await cursor.fetchall()
-            else:
-                marks = ",".join("?" * len(namespaces))
-                rows = await driver.execute_fetchall(_LOAD_SQLITE.format(marks=marks), tuple(namespaces))
+        first request, and SQLAlchemy's layers cost more than the query itself here. From a standby, at
+        least at the highest revision this process has seen (the catalog's, which these images join)."""
+        standby = self.standby
+        if standby is None:
+            async with self.engine.connect() as conn:
+                return await self._load(conn, namespaces)
+        return await self._load_from_standby(standby, namespaces, standby.floor)
+
+    async def _load_from_standby(self, standby: Standby, namespaces: Sequence[str], target: int) -> Namespace:
+        loaded = await standby.read(self.engine, target, lambda conn: self._load(conn, namespaces))
+        standby.note(loaded.revision)
+        return loaded
+
+    async def _load(self, conn: AsyncConnection, namespaces: Sequence[str]) -> Namespace:
+        pooled = self.standby.pgbouncer if self.standby and self.standby.owns(conn) else self.pgbouncer
+        if pooled:  # the engine's BEGIN (READ WRITE, or READ ONLY on a standby) and statement timeout
+            await conn.begin()
+        driver: Any = (await conn.get_raw_connection()).driver_connection
+        if self.is_postgres:
+            cursor = await driver.execute(_LOAD_POSTGRES, (list(namespaces),))
+            rows = await cursor.fetchall()
+        else:
+            marks = ",".join("?" * len(namespaces))
+            rows = await driver.execute_fetchall(_LOAD_SQLITE.format(marks=marks), tuple(namespaces))
         revision = None
         stored: list[Stored] = []
         for body, row_revision in rows:
@@ -322,9 +353,17 @@ class Store:
     ) -> AsyncGenerator[tuple[int, list[tuple[str, Stored]]], None]:
         """Every Customized image, grouped by org namespace in namespace order, in batches that never split
         an org: (revision, [(namespace, stored)…]). Rows written up to the first batch's revision are all
-        included; for warm starts (see ``Catalog.preload``)."""
-        async with self.engine.connect() as conn:
+        included; for warm starts (see ``Catalog.preload``). From a standby, at least at the highest
+        revision this process has seen."""
+        reading = (
+            self.engine.connect()
+            if self.standby is None
+            else self.standby.connection(self.engine, self.standby.floor or await self.revision())
+        )
+        async with reading as conn:
             revision = await self._current_revision(conn)
+            if self.standby is not None:
+                self.standby.note(revision)
             query = (
                 sa.select(images.c.namespace, images.c.body, images.c.revision)
                 .where(images.c.namespace != PUBLIC_NAMESPACE)
