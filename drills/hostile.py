@@ -75,9 +75,9 @@ def probe(url: str, token: str, rate: float, duration: float, out: str) -> None:
 
             async def one(at: float) -> None:
                 began = time.perf_counter()
-                try:
-                    status: int | str = (await client.get(POLITE_PATH)).status_code
-                except httpx.HTTPError as exc:
+                try:  # bounded as a whole: connect, pool wait and read each have their own 5 s too
+                    status: int | str = (await asyncio.wait_for(client.get(POLITE_PATH), 10)).status_code
+                except (httpx.HTTPError, TimeoutError) as exc:
                     status = exc.__class__.__name__
                 results.append((at, time.perf_counter() - began, status))
 
@@ -117,9 +117,21 @@ class Polite:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.process.wait(timeout=120)
+        try:
+            self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
     def summary(self) -> dict[str, Any]:
+        if not self.out.exists():
+            return {
+                "requests": 0,
+                "errors": "the polite client did not finish",
+                "p50 ms": None,
+                "p99 ms": None,
+                "max ms": None,
+            }
         results = json.loads(self.out.read_text())
         latencies = [latency * 1000 for _, latency, status in results if status == 200]
         errors = sum(1 for *_, status in results if status != 200)
@@ -435,6 +447,18 @@ def run(workdir: Path, *, short: bool = False) -> Report:
     report.details = [
         "Each attack runs while a polite client (its own process, 20 requests/s, 100 in the greedy phase) "
         "lists images; its latencies are for answered requests, errors are anything but a 200. Lifetimes "
-        "are from the client's connect to the server's close; a slow body's from its head being sent.",
+        "are from the client's connect to its seeing the server's close (so they include the client's own "
+        "lag with thousands of sockets); a slow body's from its head being sent. Load average is the "
+        "machine's (2 shared cores): the latency figures are those of that machine.",
+        "",
+        "How: `serve` runs Granian in HTTP/1 mode. In its default auto mode Granian first reads bytes to "
+        "pick HTTP/1 or HTTP/2, with no timer, and hyper's `header_read_timeout` starts only after that, "
+        "so a connection that never sent a byte was held forever (issue #14: 2,049 such connections "
+        "filled the worker's 1,024 slots and its listen queue). In HTTP/1 mode hyper's timer runs from "
+        "accept, and again whenever a keep-alive connection goes idle. Bodies: `CE_HTTP_BODY_TIMEOUT` "
+        "bounds the whole body from the request reaching the app (408, connection closed). Budget: "
+        "`CE_HTTP_MAX_CONNECTIONS` per worker (Granian's backpressure; 10,000, was backlog/workers = "
+        "1,024); past it new connections wait in the listen queue, each held one ends within the header "
+        "timeout of going silent. `CE_RATE_LIMIT` is counted per worker.",
     ]
     return report
