@@ -370,6 +370,9 @@ def _raise_open_files_limit() -> int:
 
 def run(workdir: Path, *, short: bool = False) -> Report:
     plan = SHORT if short else FULL
+    # The short form (CI, on shared machines) judges what must hold however loaded the machine is: every
+    # hostile connection closed by the server, every slow body cut off with 408, no polite error, 429s with
+    # Retry-After. The time bounds are judged on full runs only; short runs report the figures.
     report = Report()
     limit = _raise_open_files_limit()
     report.figures["load average before"] = round(os.getloadavg()[0], 1)
@@ -421,7 +424,7 @@ def run(workdir: Path, *, short: bool = False) -> Report:
                 measured["errors"] == 0, f"{name}: the polite client saw {measured['errors']} errors"
             )
             report.check(
-                measured["max ms"] is not None and measured["max ms"] <= 1000,
+                short or (measured["max ms"] is not None and measured["max ms"] <= 1000),
                 f"{name}: the polite client waited {measured['max ms']} ms (bound 1000)",
             )
             if "closed by server" in attacked:
@@ -430,7 +433,7 @@ def run(workdir: Path, *, short: bool = False) -> Report:
                     f"{name}: {attacked['opened'] - attacked['closed by server']} connections never closed",
                 )
                 report.check(
-                    (attacked["max lifetime s"] or 0) <= head_deadline,
+                    short or (attacked["max lifetime s"] or 0) <= head_deadline,
                     f"{name}: a connection lived {attacked['max lifetime s']} s (bound {head_deadline})",
                 )
             if "cut off" in attacked:
@@ -438,7 +441,7 @@ def run(workdir: Path, *, short: bool = False) -> Report:
                     attacked["cut off"] == attacked["opened"], f"{name}: not every slow body was cut off"
                 )
                 report.check(
-                    (attacked["max time to cut-off s"] or 0) <= body_deadline,
+                    short or (attacked["max time to cut-off s"] or 0) <= body_deadline,
                     f"{name}: a body lasted {attacked['max time to cut-off s']} s (bound {body_deadline})",
                 )
         with Polite(server, workdir, "greedy", 100, plan.greedy_seconds) as polite:
@@ -452,7 +455,7 @@ def run(workdir: Path, *, short: bool = False) -> Report:
         report.check(bool(attacked.get("Retry-After")), "greedy org: the 429 has no Retry-After")
         report.check(measured["errors"] == 0, f"greedy org: the polite org saw {measured['errors']} errors")
         report.check(
-            measured["p99 ms"] is not None and measured["p99 ms"] <= 50,
+            short or (measured["p99 ms"] is not None and measured["p99 ms"] <= 50),
             f"greedy org: the polite org's p99 is {measured['p99 ms']} ms (bound 50)",
         )
         metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
