@@ -23,7 +23,7 @@ from typing import Any
 
 from .common import Report
 
-DRILLS = ("soak", "faults", "failover", "crash", "fuzz", "fleet")
+DRILLS = ("soak", "faults", "failover", "crash", "fuzz", "fleet", "hostile")
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "reliability.md"
 

@@ -511,8 +511,10 @@ def test_authorization_beyond_the_header_limit_is_431(hs_server: LiveServer) -> 
     url = hs_server.url
     just_over = raw_get(url, b"/v1/images", b"Authorization: Bearer " + b"a" * (MAX_TOKEN_LENGTH + 1))
     assert just_over.status == 401 and json.loads(just_over.body) == INVALID
-    assert_http_layer_refusal(raw_get(url, b"/v1/images", b"Authorization: Bearer " + b"a" * 70_000), 431)
-    assert_http_layer_refusal(raw_get(url, b"/v1/images", b"X-Padding: " + b"a" * 70_000), 431)
+    # hyper checks the limit between reads of its growing buffer: a head is refused once it is past it at
+    # such a check, at the latest past twice the limit (HTTP/1 mode, see cli.serve)
+    assert_http_layer_refusal(raw_get(url, b"/v1/images", b"Authorization: Bearer " + b"a" * 140_000), 431)
+    assert_http_layer_refusal(raw_get(url, b"/v1/images", b"X-Padding: " + b"a" * 140_000), 431)
 
 
 HEADER_ARRAY = b64url(b'["HS256"]')
@@ -1203,10 +1205,11 @@ def test_patch_body_injection(target: Target, payload: Payload) -> None:
 @pytest.mark.parametrize(
     ("request_target", "fields"),
     [
-        pytest.param(b"/v1/images?idc=" + b"a" * 100_000, (), id="query-value-100k"),
-        pytest.param(b"/v1/images?product=" + b"p" * 70_000, (), id="query-value-70k"),
-        pytest.param(b"/v1/images/" + b"a" * 100_000, (), id="path-id-100k"),
-        pytest.param(b"/v1/images", (b"X-Filler: " + b"x" * 66_000,), id="header-66k"),
+        # past twice the limit: hyper may let a head up to that through (see the 431 test above)
+        pytest.param(b"/v1/images?idc=" + b"a" * 140_000, (), id="query-value-140k"),
+        pytest.param(b"/v1/images?product=" + b"p" * 200_000, (), id="query-value-200k"),
+        pytest.param(b"/v1/images/" + b"a" * 140_000, (), id="path-id-140k"),
+        pytest.param(b"/v1/images", (b"X-Filler: " + b"x" * 140_000,), id="header-140k"),
     ],
 )
 def test_request_heads_beyond_the_limit_are_431(

@@ -25,11 +25,13 @@ from starlette.routing import Match, Route
 
 from . import db, docs_page, images, openapi
 from .auth import Verifier
+from .bodydeadline import BodyDeadline
 from .catalog import Catalog
 from .config import Settings
 from .errors import INTERNAL_ERROR_BODY, ApiError, MethodNotAllowed, NotFound, Unavailable
 from .hotpath import GetImage, HotPath, ListImages
 from .observability import AccessLog, Metrics, Observability, Observer
+from .ratelimit import Buckets, Rate, RateLimit
 from .schemas import json_encoder
 from .standby import Standby
 from .store import Store
@@ -129,7 +131,7 @@ async def _report_state(catalog: Catalog, store: Store, metrics: Metrics, observ
         await asyncio.sleep(1.0)
 
 
-def create_app(settings: Settings) -> HotPath:
+def create_app(settings: Settings) -> HotPath | RateLimit:
     verifier = Verifier(settings)
     metrics = Metrics()
     verifier.on_failure = lambda failure: metrics.auth_failures.labels(failure.reason).inc()
@@ -227,4 +229,10 @@ def create_app(settings: Settings) -> HotPath:
     app.state.settings = settings
     app.state.verifier = verifier
     app.state.metrics = metrics
-    return HotPath(Observability(app, observer), list_images, get_image, observer)
+    served = HotPath(
+        Observability(BodyDeadline(app, settings.body_timeout), observer), list_images, get_image, observer
+    )
+    if settings.rate_limit is None:
+        return served
+    buckets = Buckets(Rate.parse(settings.rate_limit))
+    return RateLimit(served, buckets, verifier, on_throttle=metrics.throttled.inc)

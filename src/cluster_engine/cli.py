@@ -106,7 +106,7 @@ def main() -> None:
 def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, log_level: str) -> None:
     """Run the API server."""
     from granian import Granian
-    from granian.constants import Interfaces, Loops
+    from granian.constants import HTTPModes, Interfaces, Loops
     from granian.http import HTTP1Settings
     from granian.log import LogLevels
 
@@ -165,6 +165,13 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
             respawn_failed_workers=True,  # a worker that dies (OOM kill, crash) is replaced
             log_level=LogLevels(log_level),
             log_access=False,
+            # HTTP/1 only: in "auto" mode Granian reads the first bytes to pick the protocol before hyper's
+            # header timer starts, so a connection that sends nothing was held forever (issue #14); with
+            # http1, hyper's header_read_timeout runs from accept and again whenever a keep-alive
+            # connection goes idle.
+            http=HTTPModes.http1,
+            backlog=settings.backlog,
+            backpressure=settings.max_connections,  # connections a worker holds at most (per worker)
             http1_settings=HTTP1Settings(
                 header_read_timeout=int(settings.header_timeout * 1000),
                 max_buffer_size=settings.max_header_bytes,

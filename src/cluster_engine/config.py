@@ -62,6 +62,18 @@ def _optional_str(raw: str) -> str | None:
     return raw or None
 
 
+def _rate(name: str) -> Callable[[str], str | None]:
+    def parse(raw: str) -> str | None:
+        from .ratelimit import Rate
+
+        try:
+            return str(Rate.parse(raw))
+        except ValueError:
+            raise ConfigError(f"{name} must be RATE/BURST (e.g. 100/200), got {raw!r}") from None
+
+    return parse
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     env: str
@@ -88,6 +100,10 @@ class Settings:
     cache_compress: bool = True
     header_timeout: float = 10.0
     max_header_bytes: int = 65_536
+    body_timeout: float = 10.0
+    max_connections: int = 10_000
+    backlog: int = 1024
+    rate_limit: str | None = None
     access_log: bool = True
     cache_orgs: int = 100_000
     db_pool_size: int = 1
@@ -200,7 +216,37 @@ SETTINGS: tuple[Setting, ...] = (
         "CE_HTTP_MAX_HEADER_BYTES",
         "max_header_bytes",
         _int("CE_HTTP_MAX_HEADER_BYTES", 8192, 1_048_576),
-        "Largest request line plus headers accepted (bounds URL length too).",
+        "Largest request line plus headers accepted (bounds URL length too). The HTTP server checks it "
+        "between reads of its buffer, so a head may pass up to twice this; past that it is a 431.",
+    ),
+    Setting(
+        "CE_HTTP_BODY_TIMEOUT",
+        "body_timeout",
+        _float("CE_HTTP_BODY_TIMEOUT", 1, 300),
+        "Seconds a request body (POST, PATCH) has to arrive in full, from when its head was read; past "
+        "it the answer is 408 and the connection is closed.",
+    ),
+    Setting(
+        "CE_HTTP_MAX_CONNECTIONS",
+        "max_connections",
+        _int("CE_HTTP_MAX_CONNECTIONS", 16, 1_000_000),
+        "Connections each worker holds at most (Granian's backpressure); past it, new connections wait "
+        "in the listen queue (CE_HTTP_BACKLOG) and, when that is full, are not accepted. Each takes a "
+        "file descriptor: the open-files limit must allow it.",
+    ),
+    Setting(
+        "CE_HTTP_BACKLOG",
+        "backlog",
+        _int("CE_HTTP_BACKLOG", 128, 65_535),
+        "Listen queue length (capped by the kernel's net.core.somaxconn).",
+    ),
+    Setting(
+        "CE_RATE_LIMIT",
+        "rate_limit",
+        _rate("CE_RATE_LIMIT"),
+        "Per-org fairness, off when empty: RATE/BURST requests per second per org and worker (e.g. "
+        "100/200); past it, 429 with Retry-After. Counted per worker (no shared state on the request "
+        "path): an org's fleet-wide ceiling is RATE times the workers it reaches.",
     ),
     Setting(
         "CE_ACCESS_LOG",

@@ -7,7 +7,9 @@
      ├── NotFound                  404     error{reason}
      ├── MethodNotAllowed          405     error{reason}
      ├── Conflict                  409     error{reason}
+     ├── RequestTimeout            408     error{reason} + Connection: close
      ├── PayloadTooLarge           413     error{reason}
+     ├── TooManyRequests           429     error{reason} + Retry-After (CE_RATE_LIMIT)
      └── Unavailable               503     error{reason: "database is unavailable"} + Retry-After
 
 Anything else that escapes a handler is a 500 ``error{reason: "internal server error"}``; the
@@ -99,6 +101,15 @@ class Conflict(ApiError):
     status = 409
 
 
+class RequestTimeout(ApiError):
+    """The request body did not arrive within CE_HTTP_BODY_TIMEOUT; the connection is not reused."""
+
+    status = 408
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
 class PayloadTooLarge(ApiError):
     status = 413
 
@@ -117,6 +128,19 @@ class Unavailable(ApiError):
 
     def __init__(self, message: str = DATABASE_UNAVAILABLE) -> None:
         super().__init__(message)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class TooManyRequests(ApiError):
+    """The caller's org is past its share (CE_RATE_LIMIT)."""
+
+    status = 429
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"rate limit exceeded for this org; retry after {retry_after} s")
+        self.retry_after = retry_after
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}

@@ -146,6 +146,11 @@ class Metrics:
         self.in_flight = gauge(
             "ce_http_requests_in_flight", "HTTP requests being answered (sampled every second)"
         )
+        self.throttled = Counter(
+            "ce_http_throttled",
+            "Requests answered 429 by the per-org rate limit (CE_RATE_LIMIT)",
+            registry=registry,
+        )
         self.auth_failures = Counter(
             "ce_auth_failures", "Requests refused at authentication", ["reason"], registry=registry
         )

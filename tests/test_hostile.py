@@ -1,0 +1,139 @@
+"""Hostile connections against a real server: every connection has a deadline from accept (silent, partial
+head, idle keep-alive), request bodies have a deadline, and none of it holds other clients' requests.
+
+Counts are bounded (a few hundred sockets); the 5,000-connection figures are in drills/hostile.py. The waits
+below are liveness bounds far above the configured timeouts (a connection that is never closed fails them),
+not performance checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster_engine.testing import LiveServer
+
+SILENT, PARTIAL = 200, 50
+BOUND = 30.0  # seconds: far above every timeout configured below
+
+
+@pytest.fixture
+def strict(tmp_path: Path) -> Iterator[LiveServer]:
+    env = {"CE_HTTP_HEADER_TIMEOUT": "1", "CE_HTTP_BODY_TIMEOUT": "1", "CE_ACCESS_LOG": "false"}
+    with LiveServer.start(tmp_path, env=env, args=["--demo"]) as server:
+        yield server
+
+
+def _address(server: LiveServer) -> tuple[str, int]:
+    return "127.0.0.1", int(server.url.rsplit(":", 1)[1])
+
+
+async def _closed_by_server(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sent until it closed the connection."""
+    data = b""
+    async with asyncio.timeout(BOUND):
+        while chunk := await reader.read(65536):
+            data += chunk
+    return data
+
+
+async def _request(server: LiveServer, org: uuid.UUID, path: str = "/v1/images") -> int:
+    host, port = _address(server)
+    reader, writer = await asyncio.open_connection(host, port)
+    token = server.token(org)
+    head = f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    writer.write(head.encode())
+    response = await _closed_by_server(reader)
+    writer.close()
+    return int(response.split(b" ", 2)[1])
+
+
+def test_silent_and_partial_connections_are_closed_and_do_not_block(
+    strict: LiveServer, demo_org: uuid.UUID
+) -> None:
+    async def scenario() -> None:
+        host, port = _address(strict)
+        silent = [await asyncio.open_connection(host, port) for _ in range(SILENT)]
+        partial = [await asyncio.open_connection(host, port) for _ in range(PARTIAL)]
+        for _, writer in partial:
+            writer.write(b"GET /v1/images HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+        assert await _request(strict, demo_org) == 200  # answered while all of them are held
+        sent = await asyncio.gather(*(_closed_by_server(reader) for reader, _ in silent + partial))
+        assert all(not data or data.startswith(b"HTTP/1.1 408") for data in sent)
+        for _, writer in silent + partial:
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_idle_keep_alive_connection_is_closed(strict: LiveServer) -> None:
+    async def scenario() -> bytes:
+        reader, writer = await asyncio.open_connection(*_address(strict))
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = await _closed_by_server(reader)  # answered, then closed once idle past the timeout
+        writer.close()
+        return data
+
+    data = asyncio.run(scenario())
+    assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1") == 1
+
+
+def test_slow_body_is_cut_off_with_408_and_holds_nothing_else(
+    strict: LiveServer, demo_org: uuid.UUID
+) -> None:
+    async def scenario() -> tuple[bytes, int]:
+        reader, writer = await asyncio.open_connection(*_address(strict))
+        token = strict.token(demo_org, scopes=["images:write"])
+        writer.write(
+            f"POST /v1/images HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: 1024\r\n\r\n{{".encode()
+        )
+
+        async def trickle() -> None:
+            for _ in range(1023):
+                await asyncio.sleep(0.2)
+                writer.write(b" ")
+                await writer.drain()
+
+        trickling = asyncio.create_task(trickle())
+        other = await _request(strict, demo_org)  # served while the slow body is being sent
+        answer = await _closed_by_server(reader)
+        trickling.cancel()
+        await asyncio.gather(trickling, return_exceptions=True)
+        writer.close()
+        return answer, other
+
+    answer, other = asyncio.run(scenario())
+    assert other == 200
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"CE_HTTP_BODY_TIMEOUT" in answer
+
+
+def test_full_connection_budget_keeps_serving_held_connections(tmp_path: Path, demo_org: uuid.UUID) -> None:
+    """At CE_HTTP_MAX_CONNECTIONS, a connection the worker already holds is still answered."""
+    env = {"CE_HTTP_MAX_CONNECTIONS": "16", "CE_HTTP_HEADER_TIMEOUT": "30", "CE_ACCESS_LOG": "false"}
+    with LiveServer.start(tmp_path, env=env, args=["--demo"]) as server:
+
+        async def scenario() -> list[int]:
+            host, port = _address(server)
+            reader, writer = await asyncio.open_connection(host, port)
+            idle = [await asyncio.open_connection(host, port) for _ in range(15)]  # the budget is now full
+            token = server.token(demo_org)
+            statuses = []
+            for _ in range(20):
+                writer.write(
+                    f"GET /v1/images HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+                )
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                statuses.append(int(head.split(b" ", 2)[1]))
+            for _, idle_writer in [*idle, (reader, writer)]:
+                idle_writer.close()
+            return statuses
+
+        assert asyncio.run(scenario()) == [200] * 20
