@@ -279,7 +279,11 @@ def test_sigterm_finishes_accepted_requests_and_exits_0(tmp_path: Path) -> None:
     try:
         for thread in threads:
             thread.start()
-        time.sleep(1.0)
+        # signal once load is flowing (not after a fixed sleep: on a loaded machine the clients may not
+        # have sent anything within a second)
+        deadline = time.monotonic() + 30
+        while len(results) < 60 and time.monotonic() < deadline:
+            time.sleep(0.02)
         signalled = time.monotonic()
         code = server.stop(timeout=15)
         stopped = time.monotonic()
