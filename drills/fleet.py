@@ -25,7 +25,10 @@ Public ones by an ``images:admin`` token, over every replica in service) and ste
    images are Public or the caller's own, with every seeded image the caller may see;
 2. one admin write (a new Public image), after which every replica is polled (a new connection each time,
    so every worker answers) until it lists the image in ``PROPAGATION_HITS`` answers in a row: the
-   propagation time of a replica runs from the write's 201 to the first of those answers;
+   propagation time of a replica runs from the write's 201 to the sending of the first of those requests
+   (and, reported too, to its answer). The promise checked is the freshness bound's: no request sent
+   more than 1 s after the 201 gets an answer without the image (on a loaded machine an answer may
+   arrive later than that; it must still list the image);
 3. the topology's faults (drills/fleet_faults.py), one after another: directly, one replica SIGKILLed (its
    whole process group) and restarted (the short form skips it: the PgBouncer topology has it too);
    through PgBouncer, PgBouncer restarted, then one replica killed and restarted. After each, once the
@@ -42,10 +45,11 @@ opens a new connection to it every 0.5 s, and reads PgBouncer's ``SHOW POOLS`` e
 Fails on: any answer other than 200/201/204 that no fault excuses (each reported by cause; a PgBouncer
 restart excuses 503s with the contract's body until 5 s after it is back, a replica's kill the requests in
 flight to it), a list answer showing another org's image or missing a seeded one, a peak of 100 or more
-client backends (through PgBouncer: more than its pool and the drill's own), a replica that did not list an
-admin's write within 1 s (or at all), a killed replica not ready within 60 s, a monitor connection refused
-by the server or not open within 10 s, a failed sample, a worker that did not start, an acknowledged write
-lost or half-written, or a process left after the drill.
+client backends (through PgBouncer: more than its pool and the drill's own), a request sent more than 1 s
+after an admin write's 201 whose answer does not list it (or a replica that never does), a killed replica
+not ready within 60 s, a monitor connection refused by the server or not open within 10 s, a failed
+sample, a worker that did not start, an acknowledged write lost or half-written, or a process left after
+the drill.
 """
 
 from __future__ import annotations
@@ -80,7 +84,16 @@ from cluster_engine.testing import LiveServer
 from .common import Ledger, Report, median, org, percentile, rss_mib, seed_catalog, verify_ledger, worker_pids
 from .fleet_faults import RECOVERY_LIMIT, Fault, Fleet, PgBouncerRestart, Record, ReplicaKill, judge
 from .fleet_monitor import CONNECT_TIMEOUT, PROBE_EVERY, Monitor, Sample
-from .fleet_traffic import ORGS, PROPAGATION_HITS, READ_RATE, WRITE_RATE, Answer, Propagation, Traffic
+from .fleet_traffic import (
+    ORGS,
+    PROPAGATION_HITS,
+    PROPAGATION_LIMIT,
+    READ_RATE,
+    WRITE_RATE,
+    Answer,
+    Propagation,
+    Traffic,
+)
 
 NAME = "fleet"
 TITLE = (
@@ -91,7 +104,6 @@ TITLE = (
 MAX_CONNECTIONS = 100  # PostgreSQL's stock value
 POLL_INTERVAL = 0.25  # the service's default CE_POLL_INTERVAL (LiveServer's is 0.05)
 PUBLIC, PER_ORG = 40, 10  # the seeded catalog: 40 Public, ORGS x PER_ORG Customized
-PROPAGATION_LIMIT = 1.0  # s: CE_FRESHNESS_BOUND's default, the README's promise
 CLIENT_TIMEOUT = 30.0  # a slow answer shows as its real length, not as a client timeout
 QUIET = 1.0  # s of 2xx-only steady reads after a fault before its propagation is timed
 BOUNCER_POOL = 20  # PgBouncer's server connections for the service's database
@@ -129,10 +141,8 @@ def topologies(short: bool) -> list[Topology]:
     faults: tuple[Callable[[], Fault], ...] = (PgBouncerRestart, ReplicaKill)
     if short:
         return [
-            Topology(
-                "direct", Shape(6, 2, 32, 120.0, 2.0, 5.0, 100), via_pgbouncer=False, faults=(ReplicaKill,)
-            ),
-            Topology("PgBouncer", Shape(6, 3, 32, 120.0, 2.0, 5.0, 100), via_pgbouncer=True, faults=faults),
+            Topology("direct", Shape(6, 2, 32, 120.0, 2.0, 4.0, 100), via_pgbouncer=False),
+            Topology("PgBouncer", Shape(6, 3, 32, 120.0, 2.0, 4.0, 100), via_pgbouncer=True, faults=faults),
         ]
     return [
         Topology(
@@ -389,7 +399,9 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
             async def measured() -> None:
                 stop = asyncio.Event()
                 timeout = httpx.Timeout(CLIENT_TIMEOUT)
-                kept = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+                # open-loop writes: enough connections that a slow service shows as slow answers, never
+                # as the drill's own pool running dry (httpx.PoolTimeout) and counted against the service
+                kept = httpx.Limits(max_connections=512, max_keepalive_connections=16)
                 fresh = httpx.Limits(max_connections=shape.concurrency, max_keepalive_connections=0)
                 async with (
                     httpx.AsyncClient(timeout=timeout, limits=kept) as writes,
@@ -542,11 +554,11 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
                 f"drill's {DRILL_OWN}",
             )
         for stage, propagation in propagations.items():
-            late = {t: round(v, 2) for t, v in propagation.seconds.items() if v > PROPAGATION_LIMIT}
             missing = [t for t in propagation.targets if t not in propagation.seconds]
             report.check(
-                not late and not missing and propagation.error is None,
-                f"{prefix}{stage}: propagation over {PROPAGATION_LIMIT} s: {late}; never listed by "
+                not propagation.stale and not missing and propagation.error is None,
+                f"{prefix}{stage}: {propagation.stale} answers to requests sent more than "
+                f"{PROPAGATION_LIMIT} s after the write's 201 did not list it; never listed by "
                 f"{len(missing)} replicas {missing[:3]}; {propagation.error or ''}",
             )
         for record in records:
@@ -587,16 +599,19 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
 
 
 async def _quiet(traffic: Traffic, since: float) -> float:
-    """Wait (at most ``RECOVERY_LIMIT`` s) until the steady reads sent in the last ``QUIET`` s, all after
-    ``since``, answered 2xx; the seconds waited."""
+    """Wait (at most ``RECOVERY_LIMIT`` s) until the last ``QUIET`` s worth of steady reads sent after
+    ``since`` answered 2xx; the seconds waited."""
     began = time.monotonic()
     while time.monotonic() - began < RECOVERY_LIMIT:
         now = time.monotonic()
-        recent = [a for a in traffic.answers if a.phase == "reads" and now - QUIET <= a.at and a.at >= since]
+        done = sorted(
+            (a for a in traffic.answers if a.phase == "reads" and a.at >= since), key=lambda a: a.at
+        )
+        last = done[-int(QUIET * READ_RATE) :]
         if (
             now - since >= QUIET
-            and len(recent) >= QUIET * READ_RATE / 2
-            and all(a.cause is None for a in recent)
+            and len(last) >= int(QUIET * READ_RATE)
+            and all(a.cause is None for a in last)
         ):
             break
         await asyncio.sleep(0.1)
@@ -605,12 +620,15 @@ async def _quiet(traffic: Traffic, since: float) -> float:
 
 def _propagation(propagation: Propagation, replicas: int) -> str:
     seconds = sorted(propagation.seconds.values())
+    answered = sorted(propagation.answered.values())
     return (
         f"p50 {median(seconds):.2f} s, max {max(seconds, default=float('nan')):.2f} s over "
         f"{len(seconds)}/{replicas} replicas, from the write's 201 (the write itself took "
-        f"{propagation.write_latency * 1000:.0f} ms) to the first of {PROPAGATION_HITS} answers in a "
-        f"row listing it; {propagation.polls} polls, latency {_ms(propagation.gaps)}; "
-        f"listed then missed again: {propagation.relapses}"
+        f"{propagation.write_latency * 1000:.0f} ms) to the sending of the first of {PROPAGATION_HITS} "
+        f"requests in a row whose answers list it (to their answer: p50 {median(answered):.2f} s, max "
+        f"{max(answered, default=float('nan')):.2f} s); {propagation.polls} polls, latency "
+        f"{_ms(propagation.gaps)}; listed then missed again: {propagation.relapses}; missed by a request "
+        f"sent over {PROPAGATION_LIMIT} s after the 201: {propagation.stale}"
         + (f"; {propagation.error}" if propagation.error else "")
     )
 

@@ -27,6 +27,7 @@ READ_RATE = 20.0  # steady reads/s (besides the bursts), over every replica in s
 PROPAGATION_POLL = 0.05  # s between polls of one replica
 PROPAGATION_HITS = 4  # answers in a row that list the image
 PROPAGATION_TIMEOUT = 10.0
+PROPAGATION_LIMIT = 1.0  # s: CE_FRESHNESS_BOUND's default, the README's promise
 PROPAGATION_IDC = "fleet-propagation"  # the write's idc: polls filter on it, so answers stay small
 ADMIN_ORG = uuid.uuid5(uuid.NAMESPACE_URL, "cluster-engine-drill-fleet-admin")
 
@@ -267,6 +268,7 @@ class Traffic:
 
         async def watch(target: str) -> None:
             first_hit: float | None = None
+            first_answer = 0.0
             hits = 0
             while time.monotonic() - acked < PROPAGATION_TIMEOUT:
                 began = time.monotonic()
@@ -280,12 +282,15 @@ class Traffic:
                 result.polls += 1
                 if polled is not None and polled.status_code == 200 and needle in polled.content:
                     if first_hit is None:
-                        first_hit = got
+                        first_hit, first_answer = began, got
                     hits += 1
                     if hits >= PROPAGATION_HITS:
                         result.seconds[target] = first_hit - acked
+                        result.answered[target] = first_answer - acked
                         return
                 else:
+                    if began - acked > PROPAGATION_LIMIT:
+                        result.stale += 1  # sent after the freshness bound, answered without the image
                     if first_hit is not None:
                         result.relapses += 1  # listed, then not: one worker had it, the other not yet
                     first_hit, hits = None, 0
@@ -337,7 +342,9 @@ class Traffic:
 @dataclass
 class Propagation:
     write_latency: float = float("nan")
-    seconds: dict[str, float] = field(default_factory=dict)  # target -> s from the 201 to being listed
+    seconds: dict[str, float] = field(default_factory=dict)  # target -> s from the 201 to the listing request
+    answered: dict[str, float] = field(default_factory=dict)  # target -> s from the 201 to its answer
+    stale: int = 0  # answers without the image to requests sent over PROPAGATION_LIMIT s after the 201
     polls: int = 0
     relapses: int = 0
     gaps: list[float] = field(default_factory=list)  # each poll's latency
