@@ -403,10 +403,14 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
                 # as the drill's own pool running dry (httpx.PoolTimeout) and counted against the service
                 kept = httpx.Limits(max_connections=512, max_keepalive_connections=16)
                 fresh = httpx.Limits(max_connections=shape.concurrency, max_keepalive_connections=0)
+                # the steady reads and the propagation polls are open-loop too: their own clients, with
+                # connections to spare (a shared, dry pool showed as PoolTimeout on a loaded machine)
+                spare = httpx.Limits(max_connections=512, max_keepalive_connections=0)
                 async with (
                     httpx.AsyncClient(timeout=timeout, limits=kept) as writes,
                     httpx.AsyncClient(timeout=timeout, limits=fresh) as bursts,
-                    httpx.AsyncClient(timeout=timeout, limits=fresh) as reads,
+                    httpx.AsyncClient(timeout=timeout, limits=spare) as reads,
+                    httpx.AsyncClient(timeout=timeout, limits=spare) as polls,
                 ):
                     writer = asyncio.create_task(traffic.write_forever(writes, stop, seed=7))
                     reader = asyncio.create_task(traffic.read_forever(reads, stop, seed=11))
@@ -421,13 +425,13 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
                     xacts["bursts end"] = await asyncio.to_thread(monitor.xacts)
                     mark("bursts end")
                     await asyncio.sleep(1.0)  # writes alone for a moment
-                    propagations["after the bursts"] = await traffic.propagation(writes, bursts)
+                    propagations["after the bursts"] = await traffic.propagation(writes, polls)
                     for make in topology.faults:
                         fault = make()
                         record = await asyncio.to_thread(fault.inject, fleet)
                         records.append(record)
                         record.figures["quiet after"] = f"{await _quiet(traffic, record.undone):.1f} s"
-                        propagations[f"after {fault.name}"] = await traffic.propagation(writes, bursts)
+                        propagations[f"after {fault.name}"] = await traffic.propagation(writes, polls)
                     mark("propagated")
                     stop.set()
                     await asyncio.gather(writer, reader)
