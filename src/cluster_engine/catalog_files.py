@@ -26,7 +26,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import re
 import sys
 import time
@@ -1163,10 +1162,9 @@ async def _import(
             # the database's thread (SQLite) gets Python's lock back soon after each statement step,
             # instead of waiting out the default 5 ms while the file is parsed
             # an import allocates millions of short-lived objects and no cycles worth collecting before
-            # it ends: the collector's passes over them cost a fifth of its time (CE_IMPORT_GC=1: keep on)
+            # it ends: the collector's passes over them cost a fifth of its time
             collecting = gc.isenabled()
-            if os.environ.get("CE_IMPORT_GC") != "1":
-                gc.disable()
+            gc.disable()
             switch = sys.getswitchinterval()
             sys.setswitchinterval(min(switch, 0.0005))
             try:
