@@ -408,7 +408,8 @@ _REMEMBERED = 4096  # distinct values per kind, then forgotten all at once
 _idcs: dict[str, bool] = {}
 _icons: dict[str, bool] = {}
 _products_seen: dict[str, bool] = {}
-_owners: dict[str, bool] = {}
+_owners: dict[str, uuid.UUID | None] = {}
+_product_lists: dict[tuple[str, ...], tuple[str, ...] | bool | None] = {}
 _partitions_seen: dict[tuple[str, str, str, str], Partition | None] = {}
 
 
@@ -481,10 +482,10 @@ def _fast_catalog_entry(item: Any) -> CatalogEntry | None:
 
 def entry_of_fields(fields: CatalogFields) -> CatalogEntry | None:
     """The entry when these typed fields pass every check above (None: some do not)."""
-    good = _owners.get(fields.orgId)
-    if good is None:
-        good = _remember(_owners, fields.orgId, _CANONICAL_UUID_RE.fullmatch(fields.orgId) is not None)
-    if not good:
+    org_id = _owners.get(fields.orgId, _MISSING)
+    if org_id is _MISSING:
+        org_id = _remember(_owners, fields.orgId, _canonical_uuid(fields.orgId))
+    if org_id is None:
         return None
     image_id = None
     if fields.id is not None:
@@ -495,29 +496,36 @@ def entry_of_fields(fields: CatalogFields) -> CatalogEntry | None:
     if created_at is not None:
         if created_at.tzinfo is None:
             return None
-        created_at = created_at.astimezone(dt.UTC)
-    good = _idcs.get(fields.idc)
+        if created_at.tzinfo is not dt.UTC:
+            created_at = created_at.astimezone(dt.UTC)
+    idc, name, icon = fields.idc, fields.name, fields.icon
+    good = _idcs.get(idc)
     if good is None:
-        good = _remember(_idcs, fields.idc, _fits(fields.idc, _IDC_RE, IDC_MAX))
-    if not good or len(fields.name) > NAME_MAX or _NAME_RE.fullmatch(fields.name) is None:
+        good = _remember(_idcs, idc, _fits(idc, _IDC_RE, IDC_MAX))
+    if not good or len(name) > NAME_MAX or _NAME_RE.fullmatch(name) is None:
         return None
-    good = _icons.get(fields.icon)
+    good = _icons.get(icon)
     if good is None:
-        good = _remember(_icons, fields.icon, "\x00" not in fields.icon and is_uri(fields.icon))
+        good = _remember(_icons, icon, "\x00" not in icon and is_uri(icon))
     if not good or "\x00" in (
         f"{fields.path}{fields.OSSeries}{fields.OSVersion}{fields.OSArchitecture}{fields.SystemDiskSize}"
     ):
         return None
-    for product in fields.supportedProducts:
-        good = _products_seen.get(product)
-        if good is None:
-            good = _remember(_products_seen, product, _fits(product, _PRODUCT_RE, PRODUCT_MAX))
-        if not good:
-            return None
-    if not fields.DefaultPartitionTable:
+    products = fields.supportedProducts
+    # a catalog has few distinct product lists: each is checked (and freed of repeats) once
+    product_key = tuple(products)
+    known = _product_lists.get(product_key, _MISSING)
+    if known is _MISSING:
+        known = _remember(_product_lists, product_key, _good_products(products))
+    if known is None:
+        return None
+    if known is not True:
+        products = list(known)
+    partitions = fields.DefaultPartitionTable
+    if not partitions:
         return None
     table = []
-    for partition in fields.DefaultPartitionTable:
+    for partition in partitions:
         key = (partition.name, partition.mountPoint, partition.size, partition.fileSystem)
         shared = _partitions_seen.get(key, _MISSING)
         if shared is _MISSING:
@@ -525,24 +533,34 @@ def entry_of_fields(fields: CatalogFields) -> CatalogEntry | None:
         if shared is None:
             return None
         table.append(shared)  # one object per distinct partition: what is written renders it once
-    products = fields.supportedProducts
-    if len(set(products)) != len(products):
-        products = list(dict.fromkeys(products))
     spec = ImageCreateReq(
-        idc=fields.idc,
-        orgId=msgspec.convert(fields.orgId, uuid.UUID),
-        path=fields.path,
-        name=fields.name,
-        OSSeries=fields.OSSeries,
-        OSVersion=fields.OSVersion,
-        OSArchitecture=fields.OSArchitecture,
-        BootMode=fields.BootMode,
-        SystemDiskSize=fields.SystemDiskSize,
-        DefaultPartitionTable=table,
-        icon=fields.icon,
-        supportedProducts=products,
+        idc,
+        org_id,
+        fields.path,
+        name,
+        fields.OSSeries,
+        fields.OSVersion,
+        fields.OSArchitecture,
+        fields.BootMode,
+        fields.SystemDiskSize,
+        table,
+        icon,
+        products,
     )
-    return CatalogEntry(spec=spec, type=fields.type or ImageType.PUBLIC, id=image_id, created_at=created_at)
+    return CatalogEntry(spec, fields.type or ImageType.PUBLIC, image_id, created_at)
+
+
+def _good_products(products: list[str]) -> tuple[str, ...] | bool | None:
+    """None: some product is invalid; True: all are valid and distinct; else the list without repeats."""
+    for product in products:
+        good = _products_seen.get(product)
+        if good is None:
+            good = _remember(_products_seen, product, _fits(product, _PRODUCT_RE, PRODUCT_MAX))
+        if not good:
+            return None
+    if len(set(products)) != len(products):
+        return tuple(dict.fromkeys(products))
+    return True
 
 
 def read_catalog_entry(item: Any, index: int, problems: list[ValidationDetail]) -> CatalogEntry | None:
