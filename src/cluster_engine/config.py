@@ -193,8 +193,8 @@ SETTINGS: tuple[Setting, ...] = (
         "CE_CACHE_IMAGES",
         "cache_images",
         _int("CE_CACHE_IMAGES", 0, 100_000_000),
-        "Customized images held in memory at most (about 0.5 KB each with CE_CACHE_COMPRESS, 1 KB without: "
-        "1.5 million take about 0.75 GiB; least recently used orgs are dropped and reloaded from the "
+        "Customized images held in memory at most (about 560 bytes each with CE_CACHE_COMPRESS, 1.1 KB "
+        "without: 1.5 million take about 0.8 GiB; least recently used orgs are dropped and reloaded from the "
         "database on their next request); Public images are always held. A worker holds every org that "
         "fits before it is ready.",
     ),
@@ -203,7 +203,7 @@ SETTINGS: tuple[Setting, ...] = (
         "cache_compress",
         _bool("CE_CACHE_COMPRESS"),
         "Hold Customized images' JSON compressed (zstd, with a dictionary trained on the first 2,000 "
-        "held): about 0.45 KB per held image instead of 1 KB, for 1-3 µs per image when an answer "
+        "held): about 560 bytes per held image instead of 1.1 KB, for 1-3 µs per image when an answer "
         "showing it is rendered again (answers are cached); Public images are never compressed.",
     ),
     Setting(
