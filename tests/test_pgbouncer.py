@@ -99,6 +99,13 @@ def image_body(name: str, org: uuid.UUID, image_type: str = "Public") -> dict[st
     return {**msgspec.to_builtins(spec(name, org)), "type": image_type}
 
 
+def listed(client: httpx.Client) -> set[str]:
+    """The names the list answers (which must be a 200: a read right after a write is never a 503)."""
+    response = client.get("/v1/images")
+    assert response.status_code == 200, response.text
+    return {image["name"] for image in response.json()}
+
+
 def start_pgbouncer(upstream_port: int, **settings: str) -> PgBouncer:
     """A PgBouncer of the test's own (pool settings of its own), or a skip without the binary (not in CI)."""
     return start_pgbouncer_with(upstream_port, None, None, settings)
@@ -549,12 +556,12 @@ def test_a_failover_behind_per_node_pgbouncers_reaches_the_new_primary(
         # the worker's reads moved too: a write made elsewhere on the new primary is listed within a second
         asyncio.run(create(make_url(second.url).set(database=database).render_as_string(), "elsewhere", org))
         deadline = time.monotonic() + 2
-        while "elsewhere" not in {image["name"] for image in writer.get("/v1/images").json()}:
+        while "elsewhere" not in listed(writer):
             assert time.monotonic() < deadline, "the worker does not follow the new primary"
             time.sleep(0.05)
         for n in range(5):
             assert writer.post("/v1/images", json=image_body(f"later-{n}", org)).status_code == 201
-        names = {image["name"] for image in writer.get("/v1/images").json()}
+        names = listed(writer)
         assert {"before", "later-4"} <= names
         with psycopg.connect(make_url(second.url).set(database=database).render_as_string()) as conn:
             assert {name for (name,) in conn.execute("SELECT name FROM images")} == names

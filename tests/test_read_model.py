@@ -20,14 +20,15 @@ import pytest
 from cluster_engine import catalog as read_model
 from cluster_engine import db
 from cluster_engine.catalog import Catalog
-from cluster_engine.schemas import ImageResp, ImageType
-from cluster_engine.store import Namespace, Store
+from cluster_engine.schemas import ImageCreateReq, ImageResp, ImageType
+from cluster_engine.store import Actor, Namespace, Store
 from cluster_engine.validation import ListQuery, read_catalog_entries
 
 from .conftest import STORES, Databases
 from .test_properties import BASE, FakeStore, version
 
 ORG_COUNT = 40
+ACTOR = Actor(None, "test")
 
 
 def org(n: int) -> uuid.UUID:
@@ -356,5 +357,65 @@ def test_the_store_loads_many_orgs_in_one_statement_and_warm_starts_in_whole_org
             assert catalog.complete and catalog.held()["Customized"] == 60
         finally:
             await store.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("store_kind", STORES)
+def test_a_write_reaches_the_writing_process_read_model_without_reading_the_database(
+    store_kind: str, databases: Databases, tmp_path: Path
+) -> None:
+    """Read-your-writes through Store.on_commit: the writer's read model holds each create, update and
+    delete as soon as it commits, with no query of its own; its revision follows the write when no other
+    process wrote in between, and stays (for the next refresh to fetch the gap) when one did."""
+    url = databases.url(store_kind, tmp_path)
+    db.upgrade(url)
+    owner = org(1)
+
+    def spec(name: str) -> ImageCreateReq:
+        entry = _catalog_entries(orgs=1, per_org=1)[1]
+        fields = {k: v for k, v in entry.items() if k not in ("id", "type", "createdAt")}
+        return msgspec.convert({**fields, "name": name, "orgId": str(owner)}, ImageCreateReq)
+
+    async def run() -> None:
+        store, other = Store.open(url), Store.open(url)
+        try:
+            catalog = Catalog(store)
+            await catalog.refresh()
+            await catalog.preload()
+            store.on_commit = catalog.apply_own
+            queries = 0
+
+            async def counted(*args: Any, **kwargs: Any) -> Any:
+                nonlocal queries
+                queries += 1
+                raise AssertionError("the read model read the database")
+
+            store.changes_since = counted  # type: ignore[method-assign]
+            store.load_namespaces = counted  # type: ignore[method-assign]
+
+            def listed() -> list[str]:
+                shelf = catalog.org_shelf(str(owner))
+                assert shelf is not None
+                return names(catalog.list_images(str(owner), shelf, None, None))
+
+            created = await store.create_image(spec("first"), ImageType.CUSTOMIZED, ACTOR)
+            assert listed() == ["first"] and catalog.revision == 1
+            await store.update_image(created.id, ACTOR, lambda _: spec("renamed"))
+            assert listed() == ["renamed"] and catalog.revision == 2
+            assert catalog.get(str(created.id)) is not None
+
+            # another process writes in between: the next own write shows, the revision waits for a refresh
+            await other.create_image(spec("theirs"), ImageType.CUSTOMIZED, ACTOR)
+            await store.delete_image(created.id, ACTOR, lambda _: None)
+            assert listed() == [] and catalog.revision == 2 and catalog.get(str(created.id)) is None
+            assert queries == 0
+
+            del store.changes_since, store.load_namespaces  # the real ones again
+            await catalog.refresh()
+            assert listed() == ["theirs"] and catalog.revision == 4
+        finally:
+            await store.close()
+            await other.close()
 
     asyncio.run(run())

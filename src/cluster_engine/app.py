@@ -165,6 +165,7 @@ def create_app(settings: Settings) -> HotPath | RateLimit:
             compress_after=2000 if settings.cache_compress else None,
         )
         catalog.on_refresh_failure = lambda: metrics.db_errors.labels("refresh").inc()
+        store.on_commit = catalog.apply_own
         app.state.store = store
         app.state.catalog = catalog
         list_images.bind(catalog, verifier)

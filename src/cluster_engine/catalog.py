@@ -643,16 +643,33 @@ class Catalog:
 
     def apply(self, changes: Changes) -> None:
         """Apply changes to what is held (images of orgs not held are skipped: they load fresh)."""
+        self._apply_images(changes)
+        self.revision = max(changes.revision, self.revision or 0)
+        self._cursor = changes.revision if self._rewind is None else min(changes.revision, self._rewind)
+        self._rewind = None
+        self._evict()
+
+    def apply_own(self, write: Changes) -> None:
+        """Apply a write this process just committed (read-your-writes, Store.on_commit), without reading
+        the database again. When it is the revision right after the one held (no other process wrote in
+        between), the read model is at its revision now; otherwise the revision and the change cursor stay,
+        and the next refresh fetches everything after them (this write included, a no-op by then)."""
+        self._apply_images(write)
+        if (
+            self._rewind is None
+            and self.revision is not None
+            and self._cursor == self.revision == write.revision - 1
+        ):
+            self.revision = self._cursor = write.revision
+        self._evict()
+
+    def _apply_images(self, changes: Changes) -> None:
         for image_id, revision in changes.deleted:
             entry = self._entries.get(image_id)
             if entry is not None and entry.revision < revision:
                 self._discard(entry)
         for body, revision in changes.upserted:
             self._upsert(make_entry(body, revision, self._codec))
-        self.revision = max(changes.revision, self.revision or 0)
-        self._cursor = changes.revision if self._rewind is None else min(changes.revision, self._rewind)
-        self._rewind = None
-        self._evict()
 
     def _upsert(self, entry: Entry) -> None:
         current = self._entries.get(entry.id)

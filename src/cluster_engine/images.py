@@ -99,7 +99,10 @@ def _written(image: ImageResp, status: int, extra: dict[str, str] | None = None)
 
 
 async def _bounded(request: Request, write: Awaitable[T]) -> T:
-    """Run a write, then refresh this worker's read model (read-your-writes), within WRITE_DEADLINE.
+    """Run a write within WRITE_DEADLINE. Once it commits, the store hands its change to this worker's
+    read model (Store.on_commit), so the answer and this worker's next reads show it (read-your-writes)
+    without reading the database again. A read model that is not fresh (the database was failing, or
+    failed over, a moment ago) catches up at once, as the database just answered.
 
     A database that stops answering (frozen, partitioned) would otherwise hold the request as long as
     TCP does: PostgreSQL's statement_timeout cannot fire in a server that is not running. At the deadline
@@ -107,13 +110,18 @@ async def _bounded(request: Request, write: Awaitable[T]) -> T:
     mid-transaction (deadline.py), it commits or rolls back on its own.
     """
 
-    async def write_then_refresh() -> T:
+    async def write_then_catch_up() -> T:
         result = await write
-        await request.app.state.catalog.refresh()
+        read_model: catalog.Catalog = request.app.state.catalog
+        if not read_model.is_fresh():
+            try:
+                await read_model.refresh(only_if_stale=True)
+            except Exception as exc:  # the write is committed: its answer stands; the poller keeps trying
+                log.warning("refresh after a write failed: %s", exc.__class__.__name__)
         return result
 
     try:
-        return await within(write_then_refresh(), WRITE_DEADLINE)
+        return await within(write_then_catch_up(), WRITE_DEADLINE)
     except TimeoutError:
         log.warning("write gave no answer within %ss: 503", WRITE_DEADLINE)
         raise Unavailable() from None

@@ -15,6 +15,8 @@ from typing import Any, overload
 
 import msgspec
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -218,6 +220,32 @@ class ImportReport:
         }
 
 
+# Statements of the write path, built once: SQLAlchemy then finds their compiled form by a cheap cache
+# key, where a statement with its values inlined is rebuilt and keyed anew on every write.
+_BUMP = (
+    catalog_state.update()
+    .where(catalog_state.c.id == 1)
+    .values(revision=catalog_state.c.revision + 1)
+    .returning(catalog_state.c.revision)
+)
+_INSERT_IMAGE = images.insert()
+_INSERT_AUDIT = audit_log.insert()
+_SELECT_IMAGE = sa.select(images).where(images.c.id == sa.bindparam("image_id"))
+_SELECT_IMAGE_FOR_UPDATE = _SELECT_IMAGE.with_for_update()
+_UPDATE_IMAGE = images.update().where(images.c.id == sa.bindparam("image_id"))
+_DELETE_IMAGE = images.delete().where(images.c.id == sa.bindparam("image_id")).returning(images.c.body)
+
+
+def _tombstone(insert: Callable[[sa.Table], Any]) -> Any:
+    statement = insert(deleted_images)
+    return statement.on_conflict_do_update(
+        index_elements=[deleted_images.c.id], set_={"revision": statement.excluded.revision}
+    )
+
+
+_TOMBSTONE = {"sqlite": _tombstone(sqlite_insert), "postgresql": _tombstone(postgresql_insert)}
+
+
 class Store:
     """The catalog's database. With a ``standby`` (CE_DATABASE_READ_URL), change polling and org loads
     read from it whenever it proves it is current (see standby.py); everything else uses ``engine``."""
@@ -228,6 +256,13 @@ class Store:
         self.is_postgres = engine.dialect.name == "postgresql"
         self.pgbouncer = uses_pgbouncer(url)  # a transaction-pooling PgBouncer: see db.create_engine
         self.standby = standby
+        # Called with each write's own change once it has committed (the app hands it to this process's
+        # read model: read-your-writes without reading the database again).
+        self.on_commit: Callable[[Changes], None] | None = None
+
+    def _committed(self, revision: int, upserted: list[Stored], deleted: list[tuple[str, int]]) -> None:
+        if self.on_commit is not None:
+            self.on_commit(Changes(revision=revision, upserted=upserted, deleted=deleted))
 
     @classmethod
     def open(cls, url: str, *, statement_timeout: float | None = 5.0) -> Store:
@@ -402,12 +437,7 @@ class Store:
 
     async def _bump(self, conn: AsyncConnection) -> int:
         """Take the next revision; on PostgreSQL the row lock serializes writers until commit."""
-        result = await conn.execute(
-            catalog_state.update()
-            .where(catalog_state.c.id == 1)
-            .values(revision=catalog_state.c.revision + 1)
-            .returning(catalog_state.c.revision)
-        )
+        result = await conn.execute(_BUMP)
         revision = int(result.scalar_one())
         if self.is_postgres:  # delivered to listeners when (and only if) the transaction commits
             await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, str(revision))))
@@ -426,28 +456,24 @@ class Store:
     ) -> None:
         if records:
             at = utcnow()
-            await conn.execute(
-                audit_log.insert(),
-                [
-                    {
-                        "at": at,
-                        "revision": revision,
-                        "action": action,
-                        "image_id": image_id,
-                        "actor_org": actor.org_id,
-                        "actor": actor.name,
-                        "changes": changes,
-                    }
-                    for action, image_id, changes in records
-                ],
-            )
+            rows = [
+                {
+                    "at": at,
+                    "revision": revision,
+                    "action": action,
+                    "image_id": image_id,
+                    "actor_org": actor.org_id,
+                    "actor": actor.name,
+                    "changes": changes,
+                }
+                for action, image_id, changes in records
+            ]
+            await conn.execute(_INSERT_AUDIT, rows[0] if len(rows) == 1 else rows)
 
     @staticmethod
     async def _row(conn: AsyncConnection, image_id: uuid.UUID, *, lock: bool) -> Any:
-        query = sa.select(images).where(images.c.id == image_id)
-        if lock and conn.dialect.name == "postgresql":
-            query = query.with_for_update()
-        return (await conn.execute(query)).first()
+        query = _SELECT_IMAGE_FOR_UPDATE if lock and conn.dialect.name == "postgresql" else _SELECT_IMAGE
+        return (await conn.execute(query, {"image_id": image_id})).first()
 
     async def create_image(self, spec: ImageCreateReq, image_type: ImageType, actor: Actor) -> ImageResp:
         """Insert one image; the database's unique constraint decides duplicates (no check-then-insert)."""
@@ -456,20 +482,21 @@ class Store:
         try:
             async with self.engine.begin() as conn:
                 revision = await self._bump(conn)
+                body = json_encoder.encode(image)
                 values = {
                     **_columns(spec),
                     "type": image_type.value,
                     "namespace": namespace_of(image_type, spec.orgId),
-                    "body": json_encoder.encode(image),
+                    "body": body,
                 }
                 await conn.execute(
-                    images.insert().values(
-                        id=image.id, created_at=now, updated_at=now, revision=revision, **values
-                    )
+                    _INSERT_IMAGE,
+                    {"id": image.id, "created_at": now, "updated_at": now, "revision": revision, **values},
                 )
                 await self._audit(conn, revision, actor, [("create", image.id, _snapshot(image))])
         except IntegrityError:
             raise Conflict(DUPLICATE) from None
+        self._committed(revision, [(body, revision)], [])
         return image
 
     async def update_image(
@@ -489,36 +516,39 @@ class Store:
                     await conn.rollback()
                     return before
                 after = make_image(image_id, before.type, spec, before.createdAt)
+                body = json_encoder.encode(after)
                 await conn.execute(
-                    images.update()
-                    .where(images.c.id == image_id)
-                    .values(updated_at=utcnow(), revision=revision, body=json_encoder.encode(after), **values)
+                    _UPDATE_IMAGE,
+                    {
+                        "image_id": image_id,
+                        "updated_at": utcnow(),
+                        "revision": revision,
+                        "body": body,
+                        **values,
+                    },
                 )
                 await self._audit(conn, revision, actor, [("update", image_id, _diff(before, after))])
         except IntegrityError:
             raise Conflict(DUPLICATE) from None
+        self._committed(revision, [(body, revision)], [])
         return after
 
     async def delete_image(
         self, image_id: uuid.UUID, actor: Actor, check: Callable[[ImageResp], None]
     ) -> ImageResp:
-        """Delete one image after ``check`` (permission) passes on its current state."""
+        """Delete one image after ``check`` (permission) passes on its state (a failing check rolls the
+        deletion back), leaving a tombstone that the read models of other processes pick up."""
         async with self.engine.begin() as conn:
             revision = await self._bump(conn)
-            row = await self._row(conn, image_id, lock=True)
-            if row is None:
+            body = (await conn.execute(_DELETE_IMAGE, {"image_id": image_id})).scalar_one_or_none()
+            if body is None:
                 raise NotFound(IMAGE_NOT_FOUND)
-            image = image_of_body(row.body)
+            image = image_of_body(body)
             check(image)
-            await self._delete(conn, revision, [image_id])
+            await conn.execute(_TOMBSTONE[conn.dialect.name], {"id": image_id, "revision": revision})
             await self._audit(conn, revision, actor, [("delete", image_id, _snapshot(image))])
+        self._committed(revision, [], [(str(image_id), revision)])
         return image
-
-    @staticmethod
-    async def _delete(conn: AsyncConnection, revision: int, ids: Sequence[uuid.UUID]) -> None:
-        await conn.execute(images.delete().where(images.c.id.in_(ids)))
-        await conn.execute(deleted_images.delete().where(deleted_images.c.id.in_(ids)))
-        await conn.execute(deleted_images.insert(), [{"id": i, "revision": revision} for i in ids])
 
     async def import_catalog(
         self,
