@@ -74,6 +74,7 @@ from typing import Any
 import httpx
 import psycopg
 
+from cluster_engine import db
 from cluster_engine.config import Settings, load_settings
 from cluster_engine.pgbouncer import PgBouncer
 from cluster_engine.pgbouncer import version as pgbouncer_version
@@ -539,7 +540,8 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
         figures["polling cost on the primary"] = (
             f"{polling_rate:.0f} transactions/s ({polling_rate / max(1, workers_found):.2f} per worker; "
             f"xact_commit + xact_rollback of the service's database over {idle_seconds:.0f} s idle; "
-            f"a poll every {POLL_INTERVAL} s is two: the pool's pre-ping SELECT 1 and the poll's own read); "
+            f"a poll every {POLL_INTERVAL} s is one, the poll's own read; a connection idle over "
+            f"{db.PING_AFTER_IDLE:.0f} s is pinged first); "
             f"during the bursts: {(xacts['bursts end'] - xacts['bursts']) / burst_seconds:.0f}/s over "
             f"{burst_seconds:.1f} s"
         )

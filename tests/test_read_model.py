@@ -399,16 +399,20 @@ def test_a_write_reaches_the_writing_process_read_model_without_reading_the_data
                 assert shelf is not None
                 return names(catalog.list_images(str(owner), shelf, None, None))
 
+            catalog.confirmed_at = float("-inf")  # a poller that has not confirmed for a long while
             created = await store.create_image(spec("first"), ImageType.CUSTOMIZED, ACTOR)
             assert listed() == ["first"] and catalog.revision == 1
+            assert catalog.is_fresh()  # the commit showed the catalog at this revision: confirmed as of then
             await store.update_image(created.id, ACTOR, lambda _: spec("renamed"))
             assert listed() == ["renamed"] and catalog.revision == 2
             assert catalog.get(str(created.id)) is not None
 
             # another process writes in between: the next own write shows, the revision waits for a refresh
             await other.create_image(spec("theirs"), ImageType.CUSTOMIZED, ACTOR)
+            catalog.confirmed_at = float("-inf")
             await store.delete_image(created.id, ACTOR, lambda _: None)
             assert listed() == [] and catalog.revision == 2 and catalog.get(str(created.id)) is None
+            assert not catalog.is_fresh() and store.committed_revision == 4
             assert queries == 0
 
             del store.changes_since, store.load_namespaces  # the real ones again

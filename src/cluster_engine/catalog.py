@@ -649,18 +649,22 @@ class Catalog:
         self._rewind = None
         self._evict()
 
-    def apply_own(self, write: Changes) -> None:
+    def apply_own(self, write: Changes, began: float) -> None:
         """Apply a write this process just committed (read-your-writes, Store.on_commit), without reading
         the database again. When it is the revision right after the one held (no other process wrote in
-        between), the read model is at its revision now; otherwise the revision and the change cursor stay,
-        and the next refresh fetches everything after them (this write included, a no-op by then)."""
+        between), the read model is at its revision now, and was current when the write committed, which
+        confirms it as of ``began`` (time.monotonic() before the write began) as a poll would. Otherwise
+        the revision and the change cursor stay, and the next refresh fetches everything after them (this
+        write included, a no-op by then)."""
         self._apply_images(write)
+        revision = write.revision
         if (
             self._rewind is None
             and self.revision is not None
-            and self._cursor == self.revision == write.revision - 1
+            and self._cursor == self.revision == revision - 1
         ):
-            self.revision = self._cursor = write.revision
+            self.revision = self._cursor = revision
+            self.confirmed_at = max(self.confirmed_at, began)
         self._evict()
 
     def _apply_images(self, changes: Changes) -> None:

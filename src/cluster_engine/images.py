@@ -101,8 +101,9 @@ def _written(image: ImageResp, status: int, extra: dict[str, str] | None = None)
 async def _bounded(request: Request, write: Awaitable[T]) -> T:
     """Run a write within WRITE_DEADLINE. Once it commits, the store hands its change to this worker's
     read model (Store.on_commit), so the answer and this worker's next reads show it (read-your-writes)
-    without reading the database again. A read model that is not fresh (the database was failing, or
-    failed over, a moment ago) catches up at once, as the database just answered.
+    without reading the database again. A read model left behind the write (another process wrote in
+    between) or not fresh (the database was failing, or failed over, a moment ago, and has just answered)
+    catches up at once, so that a read after a write is neither stale nor a 503.
 
     A database that stops answering (frozen, partitioned) would otherwise hold the request as long as
     TCP does: PostgreSQL's statement_timeout cannot fire in a server that is not running. At the deadline
@@ -112,12 +113,18 @@ async def _bounded(request: Request, write: Awaitable[T]) -> T:
 
     async def write_then_catch_up() -> T:
         result = await write
+        store: Store = request.app.state.store
         read_model: catalog.Catalog = request.app.state.catalog
-        if not read_model.is_fresh():
+        if read_model.is_fresh() and (read_model.revision or 0) >= store.committed_revision:
+            return result
+        # A refresh that fails here most likely met a pooled connection to a node that went away or was
+        # demoted, which the failure discards (the pool's connections are dropped): once more on new ones.
+        for attempt in (1, 2):
             try:
-                await read_model.refresh(only_if_stale=True)
+                await read_model.refresh()
+                break
             except Exception as exc:  # the write is committed: its answer stands; the poller keeps trying
-                log.warning("refresh after a write failed: %s", exc.__class__.__name__)
+                log.warning("refresh after a write failed (%d/2): %s", attempt, exc.__class__.__name__)
         return result
 
     try:

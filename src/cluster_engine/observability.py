@@ -245,6 +245,7 @@ class AccessLog:
         self.stream = stream or sys.stderr
         self.json_lines = (not self.stream.isatty()) if json_lines is None else json_lines
         self._entries: list[_Entry] = []
+        self._waiting = asyncio.Event()  # set when the first entry of a batch is recorded
         self._encode_lines = msgspec.json.Encoder().encode_lines
         self._second = -1
         self._stamp = ""
@@ -260,8 +261,11 @@ class AccessLog:
         seconds: float,
         org: str | None,
     ) -> None:
-        self._entries.append((at, request_id, method, path, route, status, seconds, org))
-        if len(self._entries) >= FLUSH_EVERY:  # small batches: a big one would stall the event loop
+        entries = self._entries
+        if not entries:
+            self._waiting.set()  # the flusher sleeps until there is something to write
+        entries.append((at, request_id, method, path, route, status, seconds, org))
+        if len(entries) >= FLUSH_EVERY:  # small batches: a big one would stall the event loop
             self.flush()
 
     def _time(self, at: float) -> str:
@@ -292,7 +296,16 @@ class AccessLog:
                 self.stream.flush()
 
     async def flush_forever(self, interval: float = 0.05) -> None:
-        await flush_every(self.flush, interval)
+        """Write what requests recorded, ``interval`` after the first of them; an idle worker does not
+        wake up for it (a fleet has hundreds of idle workers). Once more when cancelled (at shutdown)."""
+        try:
+            while True:
+                await self._waiting.wait()
+                await asyncio.sleep(interval)
+                self._waiting.clear()
+                self.flush()
+        finally:
+            self.flush()
 
 
 class Observer:

@@ -8,6 +8,7 @@ that has applied revision R asks for rows stamped above R, so it can follow the 
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -258,11 +259,17 @@ class Store:
         self.standby = standby
         # Called with each write's own change once it has committed (the app hands it to this process's
         # read model: read-your-writes without reading the database again).
-        self.on_commit: Callable[[Changes], None] | None = None
+        # Its second argument is a time.monotonic() from before the write began: when the write committed,
+        # the catalog was at its revision (writers take revisions in turn and hold them until commit).
+        self.on_commit: Callable[[Changes, float], None] | None = None
+        self.committed_revision = 0  # the newest revision a write of this process committed
 
-    def _committed(self, revision: int, upserted: list[Stored], deleted: list[tuple[str, int]]) -> None:
+    def _committed(
+        self, began: float, revision: int, upserted: list[Stored], deleted: list[tuple[str, int]]
+    ) -> None:
+        self.committed_revision = max(self.committed_revision, revision)
         if self.on_commit is not None:
-            self.on_commit(Changes(revision=revision, upserted=upserted, deleted=deleted))
+            self.on_commit(Changes(revision=revision, upserted=upserted, deleted=deleted), began)
 
     @classmethod
     def open(cls, url: str, *, statement_timeout: float | None = 5.0) -> Store:
@@ -302,7 +309,7 @@ class Store:
         standby = self.standby
         if standby is None:
             async with self.engine.connect() as conn:
-                return await self._changes(conn, since)
+                return await self._changes(await self._polling(conn), since)
         target = await self.revision()
         if target == since:
             await standby.recheck(target)
@@ -310,6 +317,17 @@ class Store:
         changes = await standby.read(self.engine, target, lambda conn: self._changes(conn, since))
         standby.note(changes.revision)
         return changes
+
+    async def _polling(self, conn: AsyncConnection) -> AsyncConnection:
+        """A poll's connection: directly on PostgreSQL in autocommit, so that a poll that finds nothing
+        new is one round trip (no BEGIN, no ROLLBACK). Its reads need no common snapshot: each one is
+        bounded by the revision read first, and all revisions up to it are committed (writers take them
+        in turn under catalog_state's row lock); a change committed meanwhile is fetched by the next poll.
+        Through PgBouncer every transaction must begin READ WRITE (db._through_pgbouncer: how a demoted
+        node is noticed), so polls there stay transactions."""
+        if self.is_postgres and not self.pgbouncer:
+            return await conn.execution_options(isolation_level="AUTOCOMMIT")
+        return conn
 
     async def _changes(self, conn: AsyncConnection, since: int) -> Changes:
         revision = await self._current_revision(conn)
@@ -477,6 +495,7 @@ class Store:
 
     async def create_image(self, spec: ImageCreateReq, image_type: ImageType, actor: Actor) -> ImageResp:
         """Insert one image; the database's unique constraint decides duplicates (no check-then-insert)."""
+        began = time.monotonic()
         now = utcnow()
         image = make_image(uuid.uuid4(), image_type, spec, now)
         try:
@@ -496,13 +515,14 @@ class Store:
                 await self._audit(conn, revision, actor, [("create", image.id, _snapshot(image))])
         except IntegrityError:
             raise Conflict(DUPLICATE) from None
-        self._committed(revision, [(body, revision)], [])
+        self._committed(began, revision, [(body, revision)], [])
         return image
 
     async def update_image(
         self, image_id: uuid.UUID, actor: Actor, change: Callable[[ImageResp], ImageCreateReq]
     ) -> ImageResp:
         """Apply ``change`` (it checks permission and validates, raising ApiErrors) to the current image."""
+        began = time.monotonic()
         try:
             async with self.engine.begin() as conn:
                 revision = await self._bump(conn)
@@ -530,7 +550,7 @@ class Store:
                 await self._audit(conn, revision, actor, [("update", image_id, _diff(before, after))])
         except IntegrityError:
             raise Conflict(DUPLICATE) from None
-        self._committed(revision, [(body, revision)], [])
+        self._committed(began, revision, [(body, revision)], [])
         return after
 
     async def delete_image(
@@ -538,6 +558,7 @@ class Store:
     ) -> ImageResp:
         """Delete one image after ``check`` (permission) passes on its state (a failing check rolls the
         deletion back), leaving a tombstone that the read models of other processes pick up."""
+        began = time.monotonic()
         async with self.engine.begin() as conn:
             revision = await self._bump(conn)
             body = (await conn.execute(_DELETE_IMAGE, {"image_id": image_id})).scalar_one_or_none()
@@ -547,7 +568,7 @@ class Store:
             check(image)
             await conn.execute(_TOMBSTONE[conn.dialect.name], {"id": image_id, "revision": revision})
             await self._audit(conn, revision, actor, [("delete", image_id, _snapshot(image))])
-        self._committed(revision, [], [(str(image_id), revision)])
+        self._committed(began, revision, [], [(str(image_id), revision)])
         return image
 
     async def import_catalog(
