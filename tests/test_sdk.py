@@ -429,6 +429,34 @@ def test_connection_errors_are_retried_with_exponential_backoff(
         assert 2**attempt / 2 <= delay <= 2**attempt
 
 
+def test_a_connection_closed_before_any_response_byte(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pooled connection the server closed (httpcore: "Server disconnected without sending a response"):
+    an idempotent call is sent again at once; POST and PATCH are not, and say they may have been applied."""
+    sleeps = Recorder(monkeypatch)
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method)
+        if len(calls) in (1, 3, 4):
+            raise httpx.RemoteProtocolError(
+                "Server disconnected without sending a response.", request=request
+            )
+        return httpx.Response(200, content=IMAGE)
+
+    async def body() -> None:
+        async with connect(mode, "http://ce.test", "t", transport=httpx.MockTransport(handler)) as api:
+            assert (await api.get_image(uuid.UUID(int=2))).id == uuid.UUID(int=2)
+            with pytest.raises(TransportError, match="may have applied it") as created:
+                await api.create_image(spec(uuid.uuid4()))
+            assert "POST http://ce.test/v1/images: connection failed" in created.value.message
+            with pytest.raises(TransportError, match="may have applied it"):
+                await api.update_image(uuid.UUID(int=2), {"name": "x"})
+
+    run(body)
+    assert calls == ["GET", "GET", "POST", "PATCH"]
+    assert sleeps.delays == [0.0]  # no backoff for a stale connection
+
+
 def test_transport_error_on_a_closed_port(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     sleeps = Recorder(monkeypatch)
     url = f"http://127.0.0.1:{free_port()}"

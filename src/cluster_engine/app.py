@@ -1,9 +1,10 @@
 """create_app(settings): store → catalog → routes, auth, error mapping, lifespan.
 
-Outermost is ``HotPath``, which answers ``GET /v1/images`` and ``GET /v1/images/{id}`` itself (raw ASGI,
-see hotpath.py) and passes everything else to Starlette. There, ServerErrorMiddleware turns anything
-unexpected into the 500 contract body; ExceptionMiddleware maps ApiError (and routing's 404/405) onto
-contract bodies. Handlers only raise.
+Outermost is ``KeepAliveGuard`` (keepalive.py: an answer that did not read the request body leaves a
+reusable connection or says ``Connection: close``), then ``RateLimit`` when configured, then ``HotPath``,
+which answers ``GET /v1/images`` and ``GET /v1/images/{id}`` itself (raw ASGI, see hotpath.py) and passes
+everything else to Starlette. There, ServerErrorMiddleware turns anything unexpected into the 500 contract
+body; ExceptionMiddleware maps ApiError (and routing's 404/405) onto contract bodies. Handlers only raise.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .catalog import Catalog
 from .config import Settings
 from .errors import INTERNAL_ERROR_BODY, ApiError, MethodNotAllowed, NotFound, Unavailable
 from .hotpath import GetImage, HotPath, ListImages
+from .keepalive import KeepAliveGuard
 from .observability import AccessLog, Metrics, Observability, Observer
 from .ratelimit import Buckets, Rate, RateLimit
 from .schemas import json_encoder
@@ -131,7 +133,7 @@ async def _report_state(catalog: Catalog, store: Store, metrics: Metrics, observ
         await asyncio.sleep(1.0)
 
 
-def create_app(settings: Settings) -> HotPath | RateLimit:
+def create_app(settings: Settings) -> KeepAliveGuard:
     verifier = Verifier(settings)
     metrics = Metrics()
     verifier.on_failure = lambda failure: metrics.auth_failures.labels(failure.reason).inc()
@@ -230,10 +232,10 @@ def create_app(settings: Settings) -> HotPath | RateLimit:
     app.state.settings = settings
     app.state.verifier = verifier
     app.state.metrics = metrics
-    served = HotPath(
+    served: HotPath | RateLimit = HotPath(
         Observability(BodyDeadline(app, settings.body_timeout), observer), list_images, get_image, observer
     )
-    if settings.rate_limit is None:
-        return served
-    buckets = Buckets(Rate.parse(settings.rate_limit))
-    return RateLimit(served, buckets, verifier, on_throttle=metrics.throttled.inc)
+    if settings.rate_limit is not None:
+        buckets = Buckets(Rate.parse(settings.rate_limit))
+        served = RateLimit(served, buckets, verifier, on_throttle=metrics.throttled.inc)
+    return KeepAliveGuard(served, settings.body_timeout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import importlib.util
 import json
 import logging
@@ -115,6 +116,7 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
 
     settings = _settings()
     _configure_logging(log_level)
+    _refuse_busy_port(host, port)
     is_sqlite = settings.database_url.startswith("sqlite")
     if migrate or (migrate is None and is_sqlite):
         db.upgrade(settings.database_url)
@@ -179,6 +181,29 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
         ).serve()
 
 
+def _refuse_busy_port(host: str, port: int) -> None:
+    """Exit with one line when HOST:PORT is already listened on. Granian binds with SO_REUSEPORT, so a
+    second server on a busy port would start silently and share the port (answering from another database);
+    a probe bound without SO_REUSEPORT fails on any listening socket, whatever the other side set."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise click.ClickException(f"cannot listen on {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            shown = f"[{host}]" if ":" in host else host
+            busy = exc.errno == errno.EADDRINUSE
+            reason = "is already in use" if busy else f"cannot be bound ({exc.strerror})"
+            message = f"port {port} on {shown} {reason}; choose another with --port"
+            raise click.ClickException(message) from None
+
+
 METRICS_DIR_PREFIX = "cluster-engine-metrics-"
 
 
@@ -219,14 +244,16 @@ def demo_catalog() -> Any:
 
 # ----------------------------------------------------------------------------------------------- token
 
-_DURATION = re.compile(r"(\d+)([smhd]?)")
+_DURATION = re.compile(r"(-?)(\d+)([smhd]?)")
 
 
 def _duration(value: str) -> int:
+    """Seconds in "3600", "90m", "12h", "7d"; negative ("-1h") for a token that expired that long ago."""
     match = _DURATION.fullmatch(value.strip())
-    if not match or int(match.group(1)) == 0:
-        raise click.BadParameter("a positive duration such as 3600, 90m, 12h or 7d")
-    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    if not match or int(match.group(2)) == 0:
+        raise click.BadParameter("a non-zero duration such as 3600, 90m, 12h or 7d (negative: expired)")
+    seconds = int(match.group(2)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(3)]
+    return -seconds if match.group(1) else seconds
 
 
 @main.command()
@@ -237,14 +264,45 @@ def _duration(value: str) -> int:
     multiple=True,
     help="Scope to grant, repeatable or space-separated (images:write, images:admin).",
 )
-@click.option("--ttl", default="1h", show_default=True, help="Lifetime: seconds, or with s/m/h/d.")
+@click.option(
+    "--ttl",
+    default="1h",
+    show_default=True,
+    help="Lifetime: seconds, or with s/m/h/d; negative (--ttl=-1h) for a token that expired that long ago.",
+)
+@click.option(
+    "--expired",
+    is_flag=True,
+    help="A correctly signed token that has already expired (past CE_JWT_LEEWAY): for testing clients.",
+)
 @click.option("--subject", default=None, help="The sub claim (who the token stands for).")
-def token(org: uuid.UUID, scopes: tuple[str, ...], ttl: str, subject: str | None) -> None:
+@click.option(
+    "--create-secret",
+    is_flag=True,
+    help="Create the development secret when there is none (as `serve` does on first start).",
+)
+def token(
+    org: uuid.UUID,
+    scopes: tuple[str, ...],
+    ttl: str,
+    expired: bool,
+    subject: str | None,
+    create_secret: bool,
+) -> None:
     """Mint a bearer token signed with CE_JWT_SECRET (or the generated development secret)."""
     from .auth import mint_token, signing_secret
 
     settings = _settings()
-    secret = signing_secret(settings, create=True)
+    lifetime = _duration(ttl)
+    if expired:  # beyond the leeway the server grants, so the server answers "Expired access token."
+        lifetime = -(int(settings.jwt_leeway) + 60)
+    try:
+        secret = signing_secret(settings, create=create_secret)
+    except FileNotFoundError:
+        raise click.ClickException(
+            f"no signing secret: set CE_JWT_SECRET, or start `serve` once with this CE_DATA_DIR "
+            f"({settings.data_dir}), or pass --create-secret"
+        ) from None
     if secret is None:
         raise click.ClickException(
             "tokens are verified with a public key or JWKS here; mint them with your identity provider"
@@ -255,7 +313,7 @@ def token(org: uuid.UUID, scopes: tuple[str, ...], ttl: str, subject: str | None
             secret,
             org,
             scopes=granted,
-            ttl=_duration(ttl),
+            ttl=lifetime,
             subject=subject,
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,

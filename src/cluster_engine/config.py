@@ -210,7 +210,9 @@ SETTINGS: tuple[Setting, ...] = (
         "CE_HTTP_HEADER_TIMEOUT",
         "header_timeout",
         _float("CE_HTTP_HEADER_TIMEOUT", 1, 60),
-        "Seconds a client has to send a request's headers before its connection is closed.",
+        "Seconds a client has to send a request's headers before its connection is closed; also how long "
+        "an idle keep-alive connection is kept. Keep it above clients' pool expiry (httpx: 5 s), or a "
+        "client may reuse a connection just as the server closes it.",
     ),
     Setting(
         "CE_HTTP_MAX_HEADER_BYTES",
@@ -224,7 +226,9 @@ SETTINGS: tuple[Setting, ...] = (
         "body_timeout",
         _float("CE_HTTP_BODY_TIMEOUT", 1, 300),
         "Seconds a request body (POST, PATCH) has to arrive in full, from when its head was read; past "
-        "it the answer is 408 and the connection is closed.",
+        "it the answer is 408 and the connection is closed. An answer given before the body was read "
+        "(401, 403, 429 …) first reads the rest of it (up to 1 MiB) within the same time, so the "
+        "connection stays reusable; failing that, it says Connection: close.",
     ),
     Setting(
         "CE_HTTP_MAX_CONNECTIONS",

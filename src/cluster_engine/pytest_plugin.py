@@ -1,4 +1,4 @@
-"""A pytest plugin for code that talks to the Images API: a real server, tokens, a client, catalogs.
+"""A pytest plugin for code that talks to the Images API: a real server, tokens, clients, catalogs.
 
 Installed with the package (entry point ``pytest11``), so its fixtures are simply there::
 
@@ -7,24 +7,33 @@ Installed with the package (entry point ``pytest11``), so its fixtures are simpl
         assert my_code.pick_image(cluster_engine_client, idc="us-west-1").name == "Ubuntu-24.04"
 
 ``cluster_engine_server``   session: a real server process (``cluster_engine.testing.LiveServer``) on a free
-                           loopback port with a temporary SQLite database; ``.url``, ``.token(…)``.
+                           loopback port with a temporary SQLite database and none of the caller's ``CE_*``
+                           settings; or, with ``--cluster-engine-url``, a server already running
+                           (``cluster_engine.testing.ExistingServer``). ``.url``, ``.token(…)``.
 ``cluster_engine_token``    ``(org=None, scopes=()) -> str``: a valid bearer token (org defaults to
                            ``DEFAULT_ORG``).
 ``cluster_engine_client``   a ``cluster_engine.client.Client`` for ``DEFAULT_ORG`` with ``images:write``.
+``cluster_engine_env``      sets ``CE_URL`` and ``CE_TOKEN`` (``DEFAULT_ORG``, ``images:write``) for the test,
+                           so code under test that reads them (``Client()``, ``AsyncClient()``) finds the
+                           server; ``.url``, ``.token``.
 ``cluster_engine_catalog``  ``.load(entries_or_path, replace=False)``: import a catalog (a list of entries,
                            or a YAML/JSON file) the way operators do, wait until it is served, and return
-                           the loaded images; ``.clear()`` removes every image.
+                           the loaded images; ``.clear()`` removes every image; ``aload``/``aclear`` are
+                           the same for ``await``.
 
-The server is started only by a test that asks for one of these fixtures, once per session, and it is
-shared: Public images loaded by one test are seen by the next (use ``replace=True`` or ``clear()``), while
-Customized images are private to their org (pass a fresh org to ``cluster_engine_token``). Importing this
-module costs nothing beyond pytest: everything else is imported when a fixture is first used.
+Every fixture is synchronous and safe to use from async tests (pytest-asyncio, anyio): what needs an event
+loop runs on one of its own, in a thread. The server is started only by a test that asks for one of these
+fixtures, once per session, and it is shared: images loaded by one test are seen by the next, unless the
+test is marked ``@pytest.mark.cluster_engine_reset`` or the ini option ``cluster_engine_reset = true`` is set
+(then every image is deleted before each test that uses the server). Importing this module costs nothing
+beyond pytest: everything else is imported when a fixture is first used. See docs/pytest-plugin.md.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -33,12 +42,16 @@ import pytest
 if TYPE_CHECKING:
     from .client import Client, ImageResp
     from .store import Store
-    from .testing import LiveServer
+    from .testing import ExistingServer, LiveServer
+
+    Server = LiveServer | ExistingServer
 
 T = TypeVar("T")
 
 DEFAULT_ORG = uuid.UUID("3f0c6c1e-8a53-4b0e-9d41-6a2f0e7b5c19")
 """The org of ``cluster_engine_client`` and of ``cluster_engine_token()`` without ``org``."""
+
+RESET_MARKER = "cluster_engine_reset"
 
 
 class TokenFactory(Protocol):
@@ -47,12 +60,65 @@ class TokenFactory(Protocol):
     def __call__(self, org: uuid.UUID | str | None = None, scopes: Sequence[str] = ()) -> str: ...
 
 
+@dataclass(frozen=True)
+class Environment:
+    """What ``cluster_engine_env`` exported: ``CE_URL`` and ``CE_TOKEN``."""
+
+    url: str
+    token: str
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("cluster-engine", "cluster-engine plugin (cluster_engine_* fixtures)")
+    group.addoption(
+        "--cluster-engine-url",
+        metavar="URL",
+        default=None,
+        help="Run against this already running server instead of starting one.",
+    )
+    group.addoption(
+        "--cluster-engine-secret",
+        metavar="SECRET",
+        default=None,
+        help="That server's CE_JWT_SECRET: tokens for any org and scope are minted with it.",
+    )
+    group.addoption(
+        "--cluster-engine-token",
+        metavar="TOKEN",
+        default=None,
+        help="A ready bearer token for that server (tests that need another org are skipped).",
+    )
+    group.addoption(
+        "--cluster-engine-database-url",
+        metavar="URL",
+        default=None,
+        help="That server's database (CE_DATABASE_URL): needed by cluster_engine_catalog.",
+    )
+    parser.addini(
+        "cluster_engine_reset",
+        type="bool",
+        default=False,
+        help="Delete every image before each test that uses the cluster_engine fixtures.",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    given = [config.getoption(o) for o in ("cluster_engine_secret", "cluster_engine_token")]
+    if config.getoption("cluster_engine_url") and not any(given):
+        raise pytest.UsageError(
+            "--cluster-engine-url needs --cluster-engine-secret or --cluster-engine-token"
+        )
+    config.addinivalue_line(
+        "markers", f"{RESET_MARKER}: delete every image in the cluster-engine server before this test"
+    )
+
+
 class Catalog:
     """Loads catalog files into the session's server the way ``cluster-engine catalog import`` does (the
     same validation and the same one-transaction import into the server's database), then waits until
     the server serves the new revision."""
 
-    def __init__(self, server: LiveServer) -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
 
     def load(
@@ -84,6 +150,20 @@ class Catalog:
             self.server.wait_synced()
         return self._served(entries)
 
+    async def aload(
+        self, source: Sequence[dict[str, Any]] | str | Path, *, replace: bool = False
+    ) -> list[ImageResp]:
+        """``load`` for ``await``: the same, without blocking the caller's event loop."""
+        import asyncio
+
+        return await asyncio.to_thread(self.load, source, replace=replace)
+
+    async def aclear(self) -> None:
+        """``clear`` for ``await``."""
+        import asyncio
+
+        await asyncio.to_thread(self.clear)
+
     def clear(self) -> None:
         """Delete every image: Public ones and every org's Customized ones."""
         from .client import Client
@@ -94,26 +174,30 @@ class Catalog:
                 admin.delete_image(image.id)
         self.server.wait_synced()
 
-    def _in_store(self, work: Callable[[Store], Awaitable[T]]) -> T:
-        """Run ``work`` on the server's database, in a thread of its own (the caller may be inside an
-        event loop, as async tests are)."""
-        import asyncio
-        import concurrent.futures
-
+    def _in_store(self, work: Callable[[Store], Coroutine[Any, Any, T]]) -> T:
+        """Run ``work`` on the server's database, on an event loop and in a thread of its own (the caller
+        may be inside an event loop, as async tests are)."""
         from .store import Store
+        from .testing import run_sync
+
+        database_url = self.server.database_url
+        if database_url is None:
+            raise RuntimeError(
+                "cluster_engine_catalog against an existing server needs its database: "
+                "--cluster-engine-database-url"
+            )
 
         async def run() -> T:
-            store = Store.open(self.server.env["CE_DATABASE_URL"], statement_timeout=None)
+            store = Store.open(database_url, statement_timeout=None)
             try:
                 return await work(store)
             finally:
                 await store.close()
 
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, run()).result()
+        return run_sync(run)
 
     def _token(self, org: uuid.UUID | str, *scopes: str) -> str:
-        return self.server.token(org, scopes=scopes)
+        return self.server.token(org, scopes=list(scopes))
 
     def _served(self, entries: Sequence[dict[str, Any]]) -> list[ImageResp]:
         """The served image of each entry: by ``id`` when it has one, else by (type, owner, idc, name)."""
@@ -138,19 +222,47 @@ def _owner(entry: dict[str, Any]) -> str:
 
 
 @pytest.fixture(scope="session")
-def cluster_engine_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """A real cluster-engine server for the session, on a free loopback port, with a temporary SQLite db."""
+def cluster_engine_server(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[Server]:
+    """The session's cluster-engine server: started on a free loopback port with a temporary SQLite
+    database, or the one ``--cluster-engine-url`` names."""
+    url = pytestconfig.getoption("cluster_engine_url")
+    if url:
+        yield _existing(pytestconfig, url)
+        return
     from .testing import LiveServer
 
     with LiveServer.start(tmp_path_factory.mktemp("cluster-engine")) as server:
         yield server
 
 
+def _existing(config: pytest.Config, url: str) -> ExistingServer:
+    import httpx
+
+    from .testing import ExistingServer
+
+    url = url.rstrip("/")
+    try:
+        ready = httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    except httpx.HTTPError as exc:
+        raise pytest.UsageError(f"--cluster-engine-url {url}: {exc}") from None
+    if not ready:
+        raise pytest.UsageError(f"--cluster-engine-url {url}: /readyz is not 200")
+    secret, token = config.getoption("cluster_engine_secret"), config.getoption("cluster_engine_token")
+    database_url = config.getoption("cluster_engine_database_url")
+    return ExistingServer(url, secret=secret or None, fixed_token=token or None, database_url=database_url)
+
+
 @pytest.fixture(scope="session")
-def cluster_engine_token(cluster_engine_server: LiveServer) -> TokenFactory:
+def cluster_engine_token(cluster_engine_server: Server) -> TokenFactory:
     """``cluster_engine_token(org=None, scopes=())``: a bearer token the session's server accepts."""
+    fixed = getattr(cluster_engine_server, "fixed_token", None)
+    mints = getattr(cluster_engine_server, "secret", None) is not None
 
     def token(org: uuid.UUID | str | None = None, scopes: Sequence[str] = ()) -> str:
+        if fixed is not None and not mints and org is not None and str(org) != str(DEFAULT_ORG):
+            pytest.skip("a token for another org needs --cluster-engine-secret (only one token was given)")
         return cluster_engine_server.token(org if org is not None else DEFAULT_ORG, scopes=list(scopes))
 
     return token
@@ -158,7 +270,7 @@ def cluster_engine_token(cluster_engine_server: LiveServer) -> TokenFactory:
 
 @pytest.fixture
 def cluster_engine_client(
-    cluster_engine_server: LiveServer, cluster_engine_token: TokenFactory
+    cluster_engine_server: Server, cluster_engine_token: TokenFactory
 ) -> Iterator[Client]:
     """A ``Client`` of the session's server for ``DEFAULT_ORG`` with the ``images:write`` scope."""
     from .client import Client
@@ -168,9 +280,32 @@ def cluster_engine_client(
 
 
 @pytest.fixture
-def cluster_engine_catalog(cluster_engine_server: LiveServer) -> Catalog:
+def cluster_engine_env(
+    cluster_engine_server: Server, cluster_engine_token: TokenFactory, monkeypatch: pytest.MonkeyPatch
+) -> Environment:
+    """``CE_URL`` and ``CE_TOKEN`` (``DEFAULT_ORG``, ``images:write``) set for this test, restored after."""
+    exported = Environment(cluster_engine_server.url, cluster_engine_token(scopes=["images:write"]))
+    monkeypatch.setenv("CE_URL", exported.url)
+    monkeypatch.setenv("CE_TOKEN", exported.token)
+    return exported
+
+
+@pytest.fixture
+def cluster_engine_catalog(cluster_engine_server: Server) -> Catalog:
     """Load catalog fixtures into the session's server: ``cluster_engine_catalog.load(entries_or_path)``."""
     return Catalog(cluster_engine_server)
 
 
-__all__ = ["DEFAULT_ORG", "Catalog", "TokenFactory"]
+@pytest.fixture(autouse=True)
+def _cluster_engine_reset(request: pytest.FixtureRequest) -> None:
+    """Before a test that uses the server: delete every image, when it is marked or the ini option is on."""
+    if "cluster_engine_server" not in request.fixturenames:
+        return
+    if request.node.get_closest_marker(RESET_MARKER) is None and not request.config.getini(RESET_MARKER):
+        return
+    catalog = request.getfixturevalue("cluster_engine_catalog")
+    assert isinstance(catalog, Catalog)
+    catalog.clear()
+
+
+__all__ = ["DEFAULT_ORG", "Catalog", "Environment", "TokenFactory"]

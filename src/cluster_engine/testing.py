@@ -10,6 +10,7 @@ Used by this project's own test suite and meant for anyone who tests code agains
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import secrets
@@ -19,16 +20,18 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import yaml
 
 from .auth import mint_token
+
+T = TypeVar("T")
 
 
 def _die_with_parent() -> None:
@@ -72,7 +75,8 @@ class LiveServer:
         port = free_port(host)
         secret = secrets.token_urlsafe(48)
         full_env = {
-            **os.environ,
+            # the caller's own CE_* settings (a JWKS, a production database) are not this server's
+            **{k: v for k, v in os.environ.items() if not k.startswith("CE_")},
             "CE_DATA_DIR": str(data_dir),
             "CE_DATABASE_URL": database_url or f"sqlite:///{data_dir / 'cluster-engine.db'}",
             "CE_JWT_SECRET": secret,
@@ -175,25 +179,66 @@ class LiveServer:
         self.wait_synced()
         return result.stdout
 
+    @property
+    def database_url(self) -> str:
+        return self.env["CE_DATABASE_URL"]
+
     def wait_synced(self, timeout: float = 5.0) -> int:
         """Wait until the server's read model reflects the database's current revision; return it."""
-        from .store import Store
+        return wait_synced(self.url, self.database_url, timeout)
 
-        async def current() -> int:
-            store = Store.open(self.env["CE_DATABASE_URL"])
-            try:
-                return await store.revision()
-            finally:
-                await store.close()
 
-        target = asyncio.run(current())
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            body = httpx.get(f"{self.url}/readyz", timeout=2).json()
-            if body.get("revision", -1) >= target:
-                return target
-            time.sleep(0.02)
-        raise TimeoutError(f"server did not reach revision {target} within {timeout}s")
+def run_sync(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run the coroutine ``work()`` to completion on an event loop of its own, in a thread of its own, so
+    that it works the same from plain code and from inside a running event loop (async tests)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(work())).result()
+
+
+def wait_synced(url: str, database_url: str, timeout: float = 5.0) -> int:
+    """Wait until the server at ``url`` serves the current revision of ``database_url``; return it."""
+    from .store import Store
+
+    async def current() -> int:
+        store = Store.open(database_url)
+        try:
+            return await store.revision()
+        finally:
+            await store.close()
+
+    target = run_sync(current)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{url}/readyz", timeout=2).json()
+        if body.get("revision", -1) >= target:
+            return target
+        time.sleep(0.02)
+    raise TimeoutError(f"server did not reach revision {target} within {timeout}s")
+
+
+@dataclass
+class ExistingServer:
+    """A server something else started (``pytest --cluster-engine-url``): the same ``url``, ``token()`` and
+    ``wait_synced()`` as ``LiveServer`` where what they need was given. Tokens are minted with ``secret``
+    (the server's CE_JWT_SECRET), or the one ready ``fixed_token`` is used; ``database_url`` (the server's
+    database) is what catalog imports and ``wait_synced`` need."""
+
+    url: str
+    secret: str | None = None
+    fixed_token: str | None = None
+    database_url: str | None = None
+
+    def token(self, org_id: uuid.UUID | str, *, scopes: Sequence[str] = (), ttl: float = 3600) -> str:
+        if self.secret is not None:
+            return mint_token(self.secret, uuid.UUID(str(org_id)), scopes=list(scopes), ttl=ttl)
+        if self.fixed_token is not None:
+            return self.fixed_token
+        raise RuntimeError("no way to make tokens: give --cluster-engine-secret or --cluster-engine-token")
+
+    def wait_synced(self, timeout: float = 5.0) -> int:
+        if self.database_url is None:
+            raise RuntimeError("this needs the server's database: --cluster-engine-database-url")
+        return wait_synced(self.url, self.database_url, timeout)
 
 
 @contextlib.contextmanager

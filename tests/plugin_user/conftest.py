@@ -37,3 +37,8 @@ def reader(
     """A read-only client of an org of its own."""
     with Client(cluster_engine_server.url, cluster_engine_token(fresh_org)) as client:
         yield client
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

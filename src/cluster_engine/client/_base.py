@@ -41,6 +41,8 @@ DEFAULT_PAGE_SIZE = 100
 IMAGES = "/v1/images"
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRYABLE_TRANSPORT_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+# httpcore's words when a (pooled) connection is closed by the server before any byte of a response
+CLOSED_BEFORE_RESPONSE = "Server disconnected without sending a response"
 CACHE_ENTRIES = 512
 
 ImageId = uuid.UUID | str
@@ -66,7 +68,13 @@ class Retry:
 
     Only idempotent methods (GET, DELETE, …; never POST or PATCH) are retried, and only after a 503 or a
     connection failure / timeout. The n-th wait (n from 0) is ``backoff * 2**n`` with jitter, at least the
-    server's ``Retry-After``, and never more than ``max_delay`` seconds.
+    server's ``Retry-After``, and never more than ``max_delay`` seconds; except that a first failure where
+    the server closed the connection before any byte of a response (a pooled keep-alive connection it had
+    just closed) is tried again at once, on a new connection.
+
+    POST and PATCH are not retried even then: the request may have reached the server and been applied
+    (a worker that died before answering looks the same to the client), and a create sent twice answers
+    409 the second time. Such a failure raises ``TransportError`` saying it may have been applied.
     """
 
     total: int = 3
@@ -145,13 +153,21 @@ def error_for(response: httpx.Response) -> ClusterEngineError:
     return kind(message, status=status, body=body, response=response)
 
 
+def closed_before_response(error: httpx.TransportError) -> bool:
+    """The server closed the connection before sending any byte of a response."""
+    return isinstance(error, httpx.RemoteProtocolError) and str(error).startswith(CLOSED_BEFORE_RESPONSE)
+
+
 def transport_error(exc: httpx.TransportError) -> TransportError:
     try:
         where = f"{exc.request.method} {exc.request.url}: "
+        idempotent = exc.request.method in IDEMPOTENT_METHODS
     except RuntimeError:  # no request attached
-        where = ""
+        where, idempotent = "", True
     what = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection failed"
     detail = str(exc) or type(exc).__name__
+    if not idempotent:
+        detail += " (not retried: the server may have applied it; check before sending it again)"
     return TransportError(f"{where}{what}: {detail}")
 
 
@@ -330,6 +346,8 @@ class BaseClient:
         if attempt >= self.retry.total or not call.idempotent:
             return None
         if error is not None:
+            if attempt == 0 and closed_before_response(error):
+                return 0.0  # a stale pooled connection: the next attempt opens a new one
             return self.retry.delay(attempt) if isinstance(error, RETRYABLE_TRANSPORT_ERRORS) else None
         if response is not None and response.status_code == 503:
             return self.retry.delay(attempt, parse_retry_after(response.headers.get("Retry-After")))
