@@ -1,9 +1,11 @@
 """create_app(settings): store → catalog → routes, auth, error mapping, lifespan.
 
-Outermost is ``HotPath``, which answers ``GET /v1/images`` and ``GET /v1/images/{id}`` itself (raw ASGI,
-see hotpath.py) and passes everything else to Starlette. There, ServerErrorMiddleware turns anything
-unexpected into the 500 contract body; ExceptionMiddleware maps ApiError (and routing's 404/405) onto
-contract bodies. Handlers only raise.
+Outermost is ``Prefixes`` (the API under ``/api`` too, prefix.py), then CORS when configured (cors.py),
+the rate limiter when configured, then ``HotPath``, which answers ``GET /v1/images`` and
+``GET /v1/images/{id}`` itself (raw ASGI, see hotpath.py) and passes everything else to Starlette
+(``Rejoin`` in front of it puts the prefix back into the path, as Starlette expects). There,
+ServerErrorMiddleware turns anything unexpected into the 500 contract body; ExceptionMiddleware maps
+ApiError (and routing's 404/405) onto contract bodies. Handlers only raise.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -28,9 +31,11 @@ from .auth import Verifier
 from .bodydeadline import BodyDeadline
 from .catalog import Catalog
 from .config import Settings
+from .cors import with_cors
 from .errors import INTERNAL_ERROR_BODY, ApiError, MethodNotAllowed, NotFound, Unavailable
 from .hotpath import GetImage, HotPath, ListImages
 from .observability import AccessLog, Metrics, Observability, Observer
+from .prefix import Prefixes, Rejoin
 from .ratelimit import Buckets, Rate, RateLimit
 from .schemas import json_encoder
 from .standby import Standby
@@ -131,7 +136,7 @@ async def _report_state(catalog: Catalog, store: Store, metrics: Metrics, observ
         await asyncio.sleep(1.0)
 
 
-def create_app(settings: Settings) -> HotPath | RateLimit:
+def create_app(settings: Settings) -> Prefixes:
     verifier = Verifier(settings)
     metrics = Metrics()
     verifier.on_failure = lambda failure: metrics.auth_failures.labels(failure.reason).inc()
@@ -229,10 +234,13 @@ def create_app(settings: Settings) -> HotPath | RateLimit:
     app.state.settings = settings
     app.state.verifier = verifier
     app.state.metrics = metrics
-    served = HotPath(
-        Observability(BodyDeadline(app, settings.body_timeout), observer), list_images, get_image, observer
+    served: Any = HotPath(
+        Observability(BodyDeadline(Rejoin(app), settings.body_timeout), observer),
+        list_images,
+        get_image,
+        observer,
     )
-    if settings.rate_limit is None:
-        return served
-    buckets = Buckets(Rate.parse(settings.rate_limit))
-    return RateLimit(served, buckets, verifier, on_throttle=metrics.throttled.inc)
+    if settings.rate_limit is not None:
+        buckets = Buckets(Rate.parse(settings.rate_limit))
+        served = RateLimit(served, buckets, verifier, on_throttle=metrics.throttled.inc)
+    return Prefixes(with_cors(served, settings.cors_origins), settings.root_path)
