@@ -1,9 +1,10 @@
 """create_app(settings): store → catalog → routes, auth, error mapping, lifespan.
 
-Outermost is ``Prefixes`` (the API under ``/api`` too, prefix.py), then CORS when configured (cors.py),
-the rate limiter when configured, then ``HotPath``, which answers ``GET /v1/images`` and
-``GET /v1/images/{id}`` itself (raw ASGI, see hotpath.py) and passes everything else to Starlette
-(``Rejoin`` in front of it puts the prefix back into the path, as Starlette expects). There,
+Outermost are CORS and the rate limiter, each when configured (cors.py, ratelimit.py), then ``HotPath``,
+which takes an ``/api`` (or CE_ROOT_PATH) prefix off through ``Prefixes`` (prefix.py), answers
+``GET /v1/images`` and ``GET /v1/images/{id}`` itself (raw ASGI, see hotpath.py) and passes everything
+else to Starlette (``Rejoin`` in front of it puts the prefix back into the path, as Starlette expects).
+There,
 ServerErrorMiddleware turns anything unexpected into the 500 contract body; ExceptionMiddleware maps
 ApiError (and routing's 404/405) onto contract bodies. Handlers only raise.
 """
@@ -35,7 +36,7 @@ from .cors import with_cors
 from .errors import INTERNAL_ERROR_BODY, ApiError, MethodNotAllowed, NotFound, Unavailable
 from .hotpath import GetImage, HotPath, ListImages
 from .observability import AccessLog, Metrics, Observability, Observer
-from .prefix import Prefixes, Rejoin
+from .prefix import Rejoin
 from .ratelimit import Buckets, Rate, RateLimit
 from .schemas import json_encoder
 from .standby import Standby
@@ -136,7 +137,7 @@ async def _report_state(catalog: Catalog, store: Store, metrics: Metrics, observ
         await asyncio.sleep(1.0)
 
 
-def create_app(settings: Settings) -> Prefixes:
+def create_app(settings: Settings) -> Any:
     verifier = Verifier(settings)
     metrics = Metrics()
     verifier.on_failure = lambda failure: metrics.auth_failures.labels(failure.reason).inc()
@@ -239,8 +240,9 @@ def create_app(settings: Settings) -> Prefixes:
         list_images,
         get_image,
         observer,
+        settings.root_path,
     )
     if settings.rate_limit is not None:
         buckets = Buckets(Rate.parse(settings.rate_limit))
         served = RateLimit(served, buckets, verifier, on_throttle=metrics.throttled.inc)
-    return Prefixes(with_cors(served, settings.cors_origins), settings.root_path)
+    return with_cors(served, settings.cors_origins)

@@ -1,12 +1,12 @@
 """The API under ``/api`` as well as at the root, and behind a proxy that strips a prefix.
 
 The contract's server is ``https://console.gmicloud.ai/api``: a client configured like production calls
-``<base>/api/v1/images``. ``Prefixes`` is the outermost ASGI layer. It takes the request's external
-prefix off the path (``/api``, after the ASGI server's ``root_path`` or ``CE_ROOT_PATH`` for a proxy
-that strips one), so everything inside sees the same route path (``/v1/images``) and answers the same
-bytes; the prefix goes into ``scope["root_path"]``. On the way out it puts the prefix back in front of
-the relative references the service sends: ``Location: /v1/images/…`` and ``Link: </v1/images?…>``.
-Requests without a prefix cost one string test here.
+``<base>/api/v1/images``. ``HotPath`` (hotpath.py) hands such requests to ``Prefixes``, which takes the
+request's external prefix off the path (``/api``, after the ASGI server's ``root_path`` or
+``CE_ROOT_PATH`` for a proxy that strips one), so everything inside sees the same route path
+(``/v1/images``) and answers the same bytes; the prefix goes into ``scope["root_path"]``. On the way out
+it puts the prefix back in front of the relative references the service sends: ``Location: /v1/images/…``
+and ``Link: </v1/images?…>``. Requests without a prefix never come here (HotPath tests for one).
 
 ``Rejoin`` sits just in front of Starlette, which follows the ASGI spec's reading that ``path`` includes
 ``root_path``: it joins them again, so Starlette routes on the route path exactly once and builds its
