@@ -4,6 +4,7 @@ an origin that is not listed is refused."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import http.server
@@ -17,9 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.middleware.cors import CORSMiddleware
 
 from cluster_engine.config import ConfigError, load_settings
-from cluster_engine.cors import EXPOSE_HEADERS
+from cluster_engine.cors import ALLOW_HEADERS, EXPOSE_HEADERS, METHODS, with_cors
 from cluster_engine.testing import LiveServer, free_port
 
 FRONT_END = "http://localhost:5173"
@@ -280,3 +282,50 @@ def test_a_browser_page_on_a_listed_origin_calls_the_api_and_one_on_another_orig
     assert "Failed to fetch" in results["unlisted"].get("error", ""), results["unlisted"]
     assert "status" not in results["unlisted"]
     assert any("CORS policy" in line for line in console), console
+
+
+# ------------------------------------------------------------ Cors against Starlette's middleware
+
+
+def _answer_headers(app: Any, headers: list[tuple[bytes, bytes]], answer: list[tuple[bytes, bytes]]) -> Any:
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": list(answer)})
+        await send({"type": "http.response.body", "body": b"[]"})
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/v1/images", "headers": headers, "query_string": b""}
+    asyncio.run(app(inner)(scope, None, send))
+    return {(k.lower(), v) for k, v in sent[0]["headers"]}
+
+
+@pytest.mark.parametrize("origins", [(FRONT_END,), (FRONT_END, "https://b.example"), ("*",)])
+@pytest.mark.parametrize("origin", [None, FRONT_END, "https://b.example", FOREIGN])
+@pytest.mark.parametrize("vary", [False, True])
+def test_cors_adds_what_starlettes_middleware_adds(
+    origins: tuple[str, ...], origin: str | None, vary: bool
+) -> None:
+    request = [(b"host", b"x")] + ([(b"origin", origin.encode())] if origin else [])
+    answer = [(b"content-type", b"application/json"), (b"etag", b'"1"')] + (
+        [(b"vary", b"Accept")] if vary else []
+    )
+    ours = _answer_headers(lambda app: with_cors(app, origins), request, answer)
+    theirs = _answer_headers(
+        lambda app: CORSMiddleware(
+            app,
+            allow_origins=origins,
+            allow_methods=METHODS,
+            allow_headers=ALLOW_HEADERS,
+            expose_headers=EXPOSE_HEADERS,
+        ),
+        request,
+        answer,
+    )
+    allowed = origin is not None and (origins == ("*",) or origin in origins)
+    if not allowed:  # Starlette also sends Access-Control-Expose-Headers to origins it refuses; we need not
+        theirs = {(k, v) for k, v in theirs if k != b"access-control-expose-headers"}
+    assert ours == theirs
+    assert any(k == b"access-control-allow-origin" for k, _ in ours) is allowed
