@@ -11,6 +11,7 @@ import http.server
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from cluster_engine.config import ConfigError, load_settings
 from cluster_engine.cors import ALLOW_HEADERS, EXPOSE_HEADERS, METHODS, with_cors
+from cluster_engine.pgserver import PostgresServer, PostgresUnavailable
 from cluster_engine.testing import LiveServer, free_port
 
 FRONT_END = "http://localhost:5173"
@@ -186,6 +188,32 @@ def test_error_answers_carry_the_headers_so_browsers_can_read_them(cors_server: 
             assert response.json() == body, name
     assert "retry-after" in answers["429"][0].headers and "retry-after" in _exposed(answers["429"][0])
     assert answers["400"][0].json()["group"] == "request"
+
+
+def test_a_503_while_the_database_is_down_carries_the_headers(tmp_path: Path) -> None:
+    """The hot path's own 503 (it cannot confirm its catalog is fresh): a throwaway PostgreSQL, stopped."""
+    try:
+        postgres = PostgresServer.start()
+    except PostgresUnavailable:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("PostgreSQL server binaries not found")
+    with postgres:
+        url = postgres.create_database()
+        env = {"CE_CORS_ORIGINS": FRONT_END}
+        with LiveServer.start(tmp_path, database_url=url, args=["--migrate"], env=env) as server:
+            token = server.token(uuid.uuid4())
+            assert _get(server, "/api/v1/images", FRONT_END, token).status_code == 200
+            postgres.stop("fast")
+            deadline = time.monotonic() + 10  # freshness bound (1 s) plus the read deadline (1 s), and room
+            response = _get(server, "/api/v1/images", FRONT_END, token)
+            while response.status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+                response = _get(server, "/api/v1/images", FRONT_END, token)
+    assert response.status_code == 503
+    assert response.json() == {"reason": "database is unavailable"}
+    assert response.headers["access-control-allow-origin"] == FRONT_END
+    assert "retry-after" in response.headers and "retry-after" in _exposed(response)
 
 
 def test_cors_is_off_by_default(tmp_path: Path) -> None:
