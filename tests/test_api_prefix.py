@@ -211,6 +211,7 @@ def _through(prefixes: Prefixes, path: str, root_path: str = "") -> tuple[dict[s
         ("", "/v1/images", "/edge", "/v1/images", "/edge"),  # granian's url_path_prefix
         ("", "/edge/api/v1/images", "/edge", "/v1/images", "/edge/api"),  # uvicorn --root-path style
         ("/mine", "/v1/images", "/edge", "/v1/images", "/mine"),  # the setting wins over the server's
+        ("", "/api/v1/images", "/", "/v1/images", "/api"),  # a server's root_path of "/" is no prefix
     ],
 )
 def test_prefixes_strip_the_prefix_and_put_it_back_in_front_of_links(

@@ -49,6 +49,9 @@ def _prefixed(value: bytes, prefix: bytes) -> bytes:
 
 
 class Prefixes:
+    """Strip the request's prefix (CE_ROOT_PATH or the server's root_path, then ``/api``) for ``app``;
+    prepend it to the relative ``Location`` and ``Link`` headers ``app`` answers with."""
+
     def __init__(self, app: Any, root_path: str = "") -> None:
         self.app, self.root_path = app, root_path
 
@@ -59,7 +62,7 @@ class Prefixes:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        root: str = self.root_path or scope.get("root_path") or ""
+        root: str = self.root_path or (scope.get("root_path") or "").rstrip("/")
         cut = 0  # characters taken off the front of the path (ASCII: the same count of raw_path's bytes)
         if root and _under(path, root):  # a server that keeps the prefix in the path (uvicorn --root-path)
             cut = len(root)
