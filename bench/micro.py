@@ -2,7 +2,9 @@
 CPU per request for the hot endpoints, to compare code changes without a load generator. The machine's
 noise affects it far less than an HTTP benchmark, since it measures process CPU time.
 
-    ./dev run python bench/micro.py [--requests 50000]
+    ./dev run python bench/micro.py [--requests 50000] [--rounds 1] [--cors]
+
+With --cors, CORS is on (CE_CORS_ORIGINS) and every request carries an allowed Origin, as a browser's do.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ HERE = Path(__file__).resolve().parent
 SPREAD_ORGS = 2500  # tokens rotated through by the "spread" case
 
 
-def prepare() -> tuple[Any, str, Any]:
+CORS_ORIGIN = "http://localhost:5173"
+
+
+def prepare(cors: bool) -> tuple[Any, str, Any]:
     """A migrated SQLite catalog of the benchmark's N=1000 images; its settings, secret and description."""
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="ce-micro-metrics-"))
     from cluster_engine.config import load_settings
@@ -36,7 +41,7 @@ def prepare() -> tuple[Any, str, Any]:
     info = bench.write_catalog(1000, workdir / "catalog.json")
     secret = secrets.token_urlsafe(48)
     env = {"CE_DATA_DIR": str(workdir), "CE_JWT_SECRET": secret}
-    settings = load_settings(env)
+    settings = load_settings({**env, "CE_CORS_ORIGINS": CORS_ORIGIN if cors else ""})
     for command in (["db", "upgrade"], ["catalog", "import", str(info.path)]):
         subprocess.run(
             [sys.executable, "-m", "cluster_engine", *command],
@@ -47,7 +52,8 @@ def prepare() -> tuple[Any, str, Any]:
     return settings, secret, info
 
 
-async def measure(settings: Any, secret: str, info: Any, requests: int) -> None:
+async def measure(settings: Any, secret: str, info: Any, requests: int, rounds: int = 1) -> None:
+    origin = [(b"origin", CORS_ORIGIN.encode())] if settings.cors_origins else []
     import run as bench
 
     from cluster_engine.app import create_app
@@ -94,6 +100,7 @@ async def measure(settings: Any, secret: str, info: Any, requests: int) -> None:
             "headers": [
                 (b"host", b"127.0.0.1:8080"),
                 (b"authorization", f"Bearer {bearer or token}".encode()),
+                *origin,
                 *extra,
             ],
             "client": ("127.0.0.1", 5000),
@@ -105,6 +112,7 @@ async def measure(settings: Any, secret: str, info: Any, requests: int) -> None:
         "filtered": scope("/v1/images", filtered),
         "unfiltered": scope("/v1/images", b""),
         "get": scope(f"/v1/images/{info.public_id}", b""),
+        "api-filter": scope("/api/v1/images", filtered),  # the same answer under the contract's /api
     }
     # the 304 case needs the ETag of the filtered answer
     headers: list[tuple[bytes, bytes]] = []
@@ -127,16 +135,21 @@ async def measure(settings: Any, secret: str, info: Any, requests: int) -> None:
         for n in range(max(1000, len(rotation))):
             await app(dict(rotation[n % len(rotation)]), receive, send)
         sent.clear()
-        began = time.process_time()
-        for n in range(requests):
-            await app(dict(rotation[n % len(rotation)]), receive, send)
-        spent = time.process_time() - began
+        best = float("inf")
+        for _ in range(rounds):  # the fastest round: the least disturbed by the machine's other work
+            began = time.process_time()
+            for n in range(requests):
+                await app(dict(rotation[n % len(rotation)]), receive, send)
+            best = min(best, time.process_time() - began)
         statuses = set(sent)
-        print(f"{name:<11} {spent / requests * 1e6:7.2f} µs/request  statuses={sorted(statuses)}")
+        print(f"{name:<11} {best / requests * 1e6:7.2f} µs/request  statuses={sorted(statuses)}")
     lifespan.cancel()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=50000)
-    asyncio.run(measure(*prepare(), requests=parser.parse_args().requests))
+    parser.add_argument("--rounds", type=int, default=1, help="measure each case this often, print the best")
+    parser.add_argument("--cors", action="store_true", help=f"CORS on, requests from {CORS_ORIGIN}")
+    arguments = parser.parse_args()
+    asyncio.run(measure(*prepare(arguments.cors), requests=arguments.requests, rounds=arguments.rounds))

@@ -250,7 +250,8 @@ def subset_mismatches(given: Any, served: Any, where: str = "") -> Iterator[str]
 
     Objects may gain keys; lists may gain items after the given ones (what a deep merge appends), except
     ``enum``, which must stay exactly as given (a wider enum would let the service send values clients of
-    the contract cannot know). Everything else must be equal.
+    the contract cannot know), and ``/servers``, where the service lists itself first (openapi.py) and
+    every given server must still be there. Everything else must be equal.
     """
     if isinstance(given, dict):
         if not isinstance(served, dict):
@@ -266,6 +267,8 @@ def subset_mismatches(given: Any, served: Any, where: str = "") -> Iterator[str]
             yield f"{where}: expected a list, served {served!r}"
         elif where.endswith("/enum") and given != served:
             yield f"{where}: enum changed from {given!r} to {served!r}"
+        elif where == "/servers":
+            yield from (f"{where}: {item!r} missing" for item in given if item not in served)
         elif len(served) < len(given):
             yield f"{where}: {len(given)} items given, {len(served)} served"
         else:
@@ -282,7 +285,9 @@ def test_subset_check_is_not_vacuous(contract: dict[str, Any]) -> None:
     del changed["paths"][LIST]["get"]["responses"]["401"]
     changed["components"]["schemas"]["ImageResp"]["allOf"][1]["properties"]["type"]["enum"].append("Shared")
     changed["paths"][LIST]["get"]["parameters"].reverse()
+    changed["servers"] = [{"url": "."}]
     problems = list(subset_mismatches(contract, changed))
+    assert f"/servers: {contract['servers'][0]!r} missing" in problems
     assert "/components/schemas/idcName/maxLength: 50 given, 51 served" in problems
     assert f"/paths/{LIST}/get/responses/401: missing" in problems
     assert any(p.startswith("/components/schemas/ImageResp/allOf/1/properties/type/enum") for p in problems)

@@ -213,7 +213,10 @@ def _chromium() -> str | None:
     return None
 
 
-def test_docs_page_renders_the_list_operation_offline(demo_server: LiveServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("prefix", ["", "/api"])
+def test_docs_page_renders_the_list_operation_offline(
+    demo_server: LiveServer, tmp_path: Path, prefix: str
+) -> None:
     executable = _chromium()
     if executable is None:
         if os.environ.get("CI") == "true":
@@ -236,13 +239,12 @@ def test_docs_page_renders_the_list_operation_offline(demo_server: LiveServer, t
         try:
             page = browser.new_page()
             outside: list[str] = []
+            base = f"{demo_server.url}{prefix}/"  # under /api, everything comes from under /api
             page.on(
                 "request",
-                lambda request: (
-                    outside.append(request.url) if not request.url.startswith(demo_server.url) else None
-                ),
+                lambda request: outside.append(request.url) if not request.url.startswith(base) else None,
             )
-            page.goto(f"{demo_server.url}/docs", timeout=20_000)
+            page.goto(f"{demo_server.url}{prefix}/docs", timeout=20_000)
             page.wait_for_selector("#operations-images-listImages", timeout=20_000)
             page.click("#operations-images-listImages .opblock-summary")
             page.wait_for_selector("text=idc", timeout=10_000)

@@ -1,10 +1,13 @@
 """create_app(settings): store → catalog → routes, auth, error mapping, lifespan.
 
 Outermost is ``KeepAliveGuard`` (keepalive.py: an answer that did not read the request body leaves a
-reusable connection or says ``Connection: close``), then ``RateLimit`` when configured, then ``HotPath``,
-which answers ``GET /v1/images`` and ``GET /v1/images/{id}`` itself (raw ASGI, see hotpath.py) and passes
-everything else to Starlette. There, ServerErrorMiddleware turns anything unexpected into the 500 contract
-body; ExceptionMiddleware maps ApiError (and routing's 404/405) onto contract bodies. Handlers only raise.
+reusable connection or says ``Connection: close``), then CORS and the rate limiter, each when configured
+(cors.py, ratelimit.py), then ``HotPath``, which takes an ``/api`` (or CE_ROOT_PATH) prefix off through
+``Prefixes`` (prefix.py), answers ``GET /v1/images`` and ``GET /v1/images/{id}`` itself (raw ASGI, see
+hotpath.py) and passes everything else to Starlette (``Rejoin`` in front of it puts the prefix back into
+the path, as Starlette expects). There, ServerErrorMiddleware turns anything unexpected into the 500
+contract body; ExceptionMiddleware maps ApiError (and routing's 404/405) onto contract bodies. Handlers
+only raise.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -29,10 +33,12 @@ from .auth import Verifier
 from .bodydeadline import BodyDeadline
 from .catalog import Catalog
 from .config import Settings
+from .cors import with_cors
 from .errors import INTERNAL_ERROR_BODY, ApiError, MethodNotAllowed, NotFound, Unavailable
 from .hotpath import GetImage, HotPath, ListImages
 from .keepalive import KeepAliveGuard
 from .observability import AccessLog, Metrics, Observability, Observer
+from .prefix import Rejoin
 from .ratelimit import Buckets, Rate, RateLimit
 from .schemas import json_encoder
 from .standby import Standby
@@ -232,10 +238,14 @@ def create_app(settings: Settings) -> KeepAliveGuard:
     app.state.settings = settings
     app.state.verifier = verifier
     app.state.metrics = metrics
-    served: HotPath | RateLimit = HotPath(
-        Observability(BodyDeadline(app, settings.body_timeout), observer), list_images, get_image, observer
+    served: Any = HotPath(
+        Observability(BodyDeadline(Rejoin(app), settings.body_timeout), observer),
+        list_images,
+        get_image,
+        observer,
+        settings.root_path,
     )
     if settings.rate_limit is not None:
         buckets = Buckets(Rate.parse(settings.rate_limit))
         served = RateLimit(served, buckets, verifier, on_throttle=metrics.throttled.inc)
-    return KeepAliveGuard(served, settings.body_timeout)
+    return KeepAliveGuard(with_cors(served, settings.cors_origins), settings.body_timeout)

@@ -58,6 +58,24 @@ def _bool(name: str) -> Callable[[str], bool]:
     return parse
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    from .cors import parse_origins
+
+    try:
+        return parse_origins(raw)
+    except ValueError as exc:
+        raise ConfigError(f"CE_CORS_ORIGINS: {exc}") from None
+
+
+def _root_path(raw: str) -> str:
+    from .prefix import normalize_root_path
+
+    try:
+        return normalize_root_path(raw)
+    except ValueError as exc:
+        raise ConfigError(f"CE_ROOT_PATH: {exc}") from None
+
+
 def _optional_str(raw: str) -> str | None:
     return raw or None
 
@@ -110,6 +128,8 @@ class Settings:
     db_pool_overflow: int = 1
     db_listen: bool = False
     database_read_url: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    root_path: str = ""
 
     @property
     def dev_secret_path(self) -> Path:
@@ -285,6 +305,27 @@ SETTINGS: tuple[Setting, ...] = (
         "PostgreSQL: each worker also holds a LISTEN connection and applies a change as soon as it "
         "commits, instead of at the next poll (CE_POLL_INTERVAL); refused with a pgbouncer=true URL "
         "(LISTEN does not pass transaction pooling).",
+    ),
+    Setting(
+        "CE_CORS_ORIGINS",
+        "cors_origins",
+        _origins,
+        "CORS, off when empty: comma-separated origins (scheme://host[:port], e.g. "
+        "http://localhost:5173,https://console.example.com) whose pages may call the API, or * for any. "
+        "Preflights are answered for every operation (Authorization, Content-Type, If-None-Match and "
+        "X-Request-ID allowed); ETag, Link, Location, Retry-After, WWW-Authenticate and X-Request-ID are "
+        "exposed; error answers carry the headers too. Credentials mode (cookies) is never allowed: tokens "
+        "go in Authorization, which needs none. Other origins get no Access-Control-Allow-Origin.",
+    ),
+    Setting(
+        "CE_ROOT_PATH",
+        "root_path",
+        _root_path,
+        "Path prefix a reverse proxy strips before forwarding (e.g. /gateway when it maps "
+        "https://HOST/gateway/v1/images to this service's /v1/images): Location and Link headers then "
+        "carry it. Not needed for /api, which the service serves itself (the contract's server is "
+        "https://console.gmicloud.ai/api): /api/v1/images answers exactly what /v1/images does, and a "
+        "proxy that strips /api may set CE_ROOT_PATH=/api. Overrides the ASGI server's root_path.",
     ),
 )
 
