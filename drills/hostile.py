@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 
 from cluster_engine.cli import DEMO_ORG
+from cluster_engine.connguard import MIN_IDLE
 from cluster_engine.testing import LiveServer
 
 from .common import Report, percentile
@@ -514,7 +515,15 @@ def run(workdir: Path, *, short: bool = False) -> Report:
         "1,024). Granian stops accepting at it; a guard thread per worker (connguard.py) sees the listen "
         "queue stay non-empty at a full budget and closes the longest-idle keep-alive connections "
         "(silent >= 1 s), or with none idle accepts the queued connections and answers 503 + Retry-After "
-        "itself. `CE_RATE_LIMIT` is counted per worker.",
+        "itself (when a held client was answered under 1 s ago, the queue waits up to 1 s for it to go "
+        "idle first). `CE_RATE_LIMIT` is counted per worker.",
+        "",
+        "Loaded machines (issue #14: at load average 19 a full run saw an idle connection live 15.88 s "
+        "against a 10 s timeout). The drill used to time a close by when its own event loop noticed it. "
+        "With the drill's client frozen 80 ms in every 100 ms (SIGSTOP/SIGCONT, 2,000 idle connections, "
+        "3 s timeout) that was 5.07 s while the kernel had received the FIN at 3.07 s; with the server's "
+        "worker frozen the same way instead, the FIN came at 3.17 s. The late figure was the drill's: "
+        "lifetimes are now the kernel's, and the run-queue waits show whose CPU was short.",
     ]
     return report
 
@@ -530,9 +539,11 @@ def budget_phases(workdir: Path, plan: Plan, report: Report, short: bool) -> Non
     with LiveServer.start(workdir / "budget", env=env, args=["--demo"]) as server:
         host, port = "127.0.0.1", int(server.url.rsplit(":", 1)[1])
         token = server.token(DEMO_ORG)
-        for name, phase, status in (
-            ("budget full of idle keep-alive", full_of_idle, "200"),
-            ("budget full of busy connections", full_of_busy, "503"),
+        # Busy: the held keep-alive client was answered under MIN_IDLE ago, so the queue may wait that
+        # long for it to go idle before the refusals start.
+        for name, phase, status, bound in (
+            ("budget full of idle keep-alive", full_of_idle, "200", 1.0),
+            ("budget full of busy connections", full_of_busy, "503", MIN_IDLE + 1),
         ):
             waits = CpuWaits(server.process.pid)
             figures = asyncio.run(phase(host, port, plan.budget, token))
@@ -542,8 +553,8 @@ def budget_phases(workdir: Path, plan: Plan, report: Report, short: bool) -> Non
                 set(answered) == {status}, f"{name}: new connections got {answered}, not all {status}"
             )
             report.check(
-                short or figures["time to answer max s"] <= 1,
-                f"{name}: a new connection waited {figures['time to answer max s']} s (bound 1)",
+                short or figures["time to answer max s"] <= bound,
+                f"{name}: a new connection waited {figures['time to answer max s']} s (bound {bound:g})",
             )
         busy = report.figures["budget full of busy connections"]
         report.check(busy["Retry-After"] == ["1"], f"budget: the 503s' Retry-After is {busy['Retry-After']}")

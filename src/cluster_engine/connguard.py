@@ -132,6 +132,8 @@ class ConnectionGuard:
         self.budget, self.listener, self.port = budget, -1, -1
         self.closed_idle = self.refused = 0
         self.pressed_since: float | None = None  # when the queue last started waiting on a full budget
+        self.refuse_until = 0.0  # until then, the last scan showed that no held connection can be idle
+        self.other_fds = 0  # this worker's descriptors that are not client connections, at the last scan
         self._logged = 0.0
 
     @classmethod
@@ -164,14 +166,19 @@ class ConnectionGuard:
             if events[0][1] & (select.POLLNVAL | select.POLLERR | select.POLLHUP):
                 return  # the worker closed its listener: it is shutting down
             time.sleep(SETTLE)  # Granian accepts what it has permits for
-            if not poller.poll(0) or len(os.listdir("/proc/self/fd")) < self.budget:
+            descriptors = len(os.listdir("/proc/self/fd"))
+            if not poller.poll(0) or descriptors - self.other_fds < self.budget:
                 self.pressed_since = None
                 continue  # drained, or the worker is slow to accept rather than full
-            began = time.monotonic()
             try:
-                self.relieve()
+                if time.monotonic() < self.refuse_until:  # no held connection can be idle enough yet
+                    self._refuse_queued()
+                    continue
+                began = time.monotonic()
+                self.relieve(descriptors)
             except OSError:
                 log.exception("connection guard: could not relieve pressure")
+                continue
             time.sleep(DUTY * (time.monotonic() - began))  # the scan holds the GIL: bound its share
 
     def queued(self) -> int:
@@ -192,27 +199,34 @@ class ConnectionGuard:
                 connections.append(Held(fd, sock.getpeername(), _idle(sock)))
         return connections
 
-    def relieve(self) -> None:
-        queued = self.queued()
-        if queued == 0:
+    def relieve(self, descriptors: int) -> None:
+        """Look at every held connection: close idle ones for the queued, or refuse the queued."""
+        if self.queued() == 0:
             return
+        scanned = time.monotonic()
         held = self.held()
+        self.other_fds = max(0, descriptors - len(held))
         if len(held) < self.budget:
             return  # the worker is slow to accept, not full
         idle = sorted((c for c in held if c.idle >= MIN_IDLE), key=lambda c: -c.idle)
-        now = time.monotonic()
-        self.pressed_since = self.pressed_since or now
+        self.pressed_since = self.pressed_since or scanned
         if idle:
-            closed = sum(self._close_idle(c) for c in idle[: queued + self.budget // 100])
+            closed = sum(self._close_idle(c) for c in idle[: self.queued() + self.budget // 100])
             self.closed_idle += closed
             self._log(f"closed {closed} idle connections")
             self.pressed_since = None
-        elif any(c.idle >= 0 for c in held) and now - self.pressed_since < MIN_IDLE:
-            pass  # some were answered just now: they are the ones to close if they stay silent
-        else:
-            refused = self._refuse(queued)
-            self.refused += refused
-            self._log(f"refused {refused} new connections with 503")
+            return
+        youngest = max((c.idle for c in held if c.idle >= 0), default=None)
+        if youngest is not None and scanned - self.pressed_since < MIN_IDLE:
+            return  # some were answered just now: they are the ones to close if they stay silent
+        # None of the held connections can have been idle MIN_IDLE before this: refuse without a scan.
+        self.refuse_until = scanned + MIN_IDLE - (youngest or 0.0)
+        self._refuse_queued()
+
+    def _refuse_queued(self) -> None:
+        refused = self._refuse(self.queued())
+        self.refused += refused
+        self._log(f"refused {refused} new connections with 503")
 
     def _close_idle(self, conn: Held) -> bool:
         with contextlib.suppress(OSError), _borrowed(conn.fd) as sock:
