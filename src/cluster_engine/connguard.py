@@ -134,6 +134,7 @@ class ConnectionGuard:
         self.pressed_since: float | None = None  # when the queue last started waiting on a full budget
         self.refuse_until = 0.0  # until then, the last scan showed that no held connection can be idle
         self.other_fds = 0  # this worker's descriptors that are not client connections, at the last scan
+        self.look_again = 0.0  # no scan before then
         self._logged = 0.0
 
     @classmethod
@@ -167,9 +168,11 @@ class ConnectionGuard:
                 return  # the worker closed its listener: it is shutting down
             time.sleep(SETTLE)  # Granian accepts what it has permits for
             descriptors = len(os.listdir("/proc/self/fd"))
-            if not poller.poll(0) or descriptors - self.other_fds < self.budget:
-                self.pressed_since = None
-                continue  # drained, or the worker is slow to accept rather than full
+            if descriptors - self.other_fds < self.budget:
+                self.pressed_since = None  # not full (any more): the worker is just slow to accept
+                continue
+            if not poller.poll(0):
+                continue  # drained
             try:
                 if time.monotonic() < self.refuse_until:  # no held connection can be idle enough yet
                     self._refuse_queued()
@@ -179,7 +182,10 @@ class ConnectionGuard:
             except OSError:
                 log.exception("connection guard: could not relieve pressure")
                 continue
-            time.sleep(DUTY * (time.monotonic() - began))  # the scan holds the GIL: bound its share
+            ended = time.monotonic()
+            # the scan holds the GIL: bound its share; and when waiting for young idle ones, look again
+            # only once they could be idle enough
+            time.sleep(max(DUTY * (ended - began), self.look_again - ended))
 
     def queued(self) -> int:
         with _borrowed(self.listener) as sock:
@@ -218,6 +224,7 @@ class ConnectionGuard:
             return
         youngest = max((c.idle for c in held if c.idle >= 0), default=None)
         if youngest is not None and scanned - self.pressed_since < MIN_IDLE:
+            self.look_again = self.pressed_since + MIN_IDLE
             return  # some were answered just now: they are the ones to close if they stay silent
         # None of the held connections can have been idle MIN_IDLE before this: refuse without a scan.
         self.refuse_until = scanned + MIN_IDLE - (youngest or 0.0)
