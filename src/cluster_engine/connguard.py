@@ -158,6 +158,7 @@ class ConnectionGuard:
             log.warning("connection guard off: no listening socket shared with the main process")
             return
         self.listener, self.port = found
+        log.debug("connection guard on: listening socket %d (port %d), budget %d", *found, self.budget)
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
         while True:
