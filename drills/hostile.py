@@ -566,4 +566,10 @@ def budget_phases(workdir: Path, plan: Plan, report: Report, short: bool) -> Non
         busy = report.figures["budget full of busy connections"]
         report.check(busy["Retry-After"] == ["1"], f"budget: the 503s' Retry-After is {busy['Retry-After']}")
         held = busy["held keep-alive client meanwhile"]
-        report.check(set(held) == {"200"}, f"budget: a connection the worker held got {held}, not only 200s")
+        silences = busy["held client's silence before a failure s"]
+        # A held connection silent for MIN_IDLE may be closed to make room (a starved drill can be that
+        # late between two requests); one in use may not.
+        report.check(
+            "200" in held and all(silence >= MIN_IDLE for silence in silences),
+            f"budget: a connection the worker held, in use, got {held} (silent {silences} s before)",
+        )

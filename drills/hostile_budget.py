@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 from .common import percentile
 
 NEWCOMERS = 20
+_LAST_DATA_RECV = 8 + 11 * 4  # struct tcp_info: tcpi_last_data_recv, ms
 
 
 def run_queue_waits(pid: int) -> dict[int, float]:
@@ -59,8 +62,16 @@ class CpuWaits:
         }
 
 
+def kernel_received(writer: Any) -> float:
+    """When (``time.monotonic``) data last arrived on this socket, by the kernel's record (TCP_INFO)."""
+    sock = writer.get_extra_info("socket")
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return time.monotonic() - struct.unpack_from("I", raw, _LAST_DATA_RECV)[0] / 1000
+
+
 async def _exchange(reader: Any, writer: Any, request: bytes) -> tuple[int, bytes]:
-    writer.write(request)
+    if request:
+        writer.write(request)
     head = await reader.readuntil(b"\r\n\r\n")
     length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
     await reader.readexactly(length)
@@ -134,17 +145,28 @@ async def full_of_busy(
     gate = asyncio.Semaphore(256)
     head = b"GET /v1/images HTTP/1.1\r\nHost: drill\r\nX-Slow: " + b"a" * 1000
     stop = asyncio.Event()
+    sending = 0  # tricklers connected with their first byte sent (or given up)
+    all_sending = asyncio.Event()
+
+    def one_more() -> None:
+        nonlocal sending
+        sending += 1
+        if sending == budget - 1:
+            all_sending.set()
 
     async def trickler() -> None:
         async with gate:
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
             except (OSError, TimeoutError):
+                one_more()
                 return
         with contextlib.suppress(OSError):
-            for byte in head:
+            for index, byte in enumerate(head):
                 writer.write(bytes([byte]))
                 await writer.drain()
+                if index == 0:
+                    one_more()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1)
                 if stop.is_set():
@@ -152,14 +174,18 @@ async def full_of_busy(
         writer.close()
 
     polite: dict[str, int] = {}
+    gaps: list[float] = []  # a failed request's silence before it, as the server saw it
 
     async def keep_asking() -> None:
         while not stop.is_set():
+            gap = time.monotonic() - kernel_received(polite_writer)
             try:
-                status, _ = await asyncio.wait_for(_exchange(polite_reader, polite_writer, request), 10)
+                polite_writer.write(request)
+                status, _ = await asyncio.wait_for(_exchange(polite_reader, polite_writer, b""), 10)
                 key = str(status)
             except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 key = exc.__class__.__name__
+                gaps.append(round(gap, 2))
             polite[key] = polite.get(key, 0) + 1
             if key != "200":
                 return
@@ -167,10 +193,11 @@ async def full_of_busy(
 
     tricklers = [asyncio.create_task(trickler()) for _ in range(budget - 1)]
     asking = asyncio.create_task(keep_asking())
-    await asyncio.sleep(3)  # all tricklers connected and sending
+    await all_sending.wait()  # the budget is full: polite + tricklers, every one with bytes sent
     figures = await _newcomers(host, port, _get("/healthz", token), newcomers)
     stop.set()
     await asyncio.gather(asking, *tricklers)
     polite_writer.close()
     figures["held keep-alive client meanwhile"] = polite
+    figures["held client's silence before a failure s"] = gaps
     return figures
