@@ -6,6 +6,8 @@ phase and records every latency and error. The phases:
 
 1. idle flood: thousands of connections that never send a byte — all must be closed by the server within
    the header timeout + 1 s of opening, and the polite client answered within 1 s meanwhile;
+   then 2,000 (short 1,000) keep-alive connections answered once and then silent: closed within the same
+   bound of their answer;
 2. slow headers: connections sending their request head a byte a second — the same deadline;
 3. slow bodies: POSTs declaring a 1 KiB body sent a byte every 2 s — cut off (408, closed) within the body
    timeout + 1 s of their head;
@@ -44,7 +46,7 @@ from cluster_engine.connguard import MIN_IDLE
 from cluster_engine.testing import LiveServer
 
 from .common import Report, percentile
-from .hostile_budget import CpuWaits, full_of_busy, full_of_idle
+from .hostile_budget import CpuWaits, full_of_busy, full_of_idle, kernel_received
 
 NAME = "hostile"
 TITLE = "Hostile traffic: idle, slow and flooding connections, a greedy org"
@@ -64,10 +66,11 @@ class Plan:
     flood_seconds: float
     greedy_seconds: float
     budget: int
+    keep_alive: int
 
 
-FULL = Plan(10, 10, 5000, 1000, 200, 10, 20, 2000)
-SHORT = Plan(3, 4, 5000, 300, 100, 4, 8, 1000)
+FULL = Plan(10, 10, 5000, 1000, 200, 10, 20, 2000, 2000)
+SHORT = Plan(3, 4, 5000, 300, 100, 4, 8, 1000, 1000)
 
 
 # ----------------------------------------------------------------------------------- polite client
@@ -245,6 +248,31 @@ def _lifetimes(conns: list[Any], lifetimes: list[tuple[float, float] | None]) ->
     }
 
 
+async def idle_keep_alive(host: str, port: int, count: int, bound: float) -> dict[str, Any]:
+    """Connections answered once (``GET /healthz``) and then silent: closed within the header timeout of
+    their answer (hyper's one timer restarts when a keep-alive connection waits for its next head)."""
+    conns = await _open_many(host, port, count)
+    request = b"GET /healthz HTTP/1.1\r\nHost: drill\r\n\r\n"
+
+    async def lifetime(_at: float, reader: Any, writer: Any) -> tuple[float, float] | None:
+        try:
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), bound)
+            await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+            writer.close()
+            return None
+        answered = kernel_received(writer)
+        data = await _until_closed(reader, bound)
+        seen = time.monotonic()
+        closed = kernel_time(writer)
+        writer.close()
+        return None if data is None else (closed - answered, seen - answered)
+
+    figures = _lifetimes(conns, await asyncio.gather(*(lifetime(*conn) for conn in conns)))
+    return {"answered, then idle": figures.pop("opened"), **figures}
+
+
 async def slow_heads(host: str, port: int, count: int, bound: float) -> dict[str, Any]:
     conns = await _open_many(host, port, count)
     head = b"GET /v1/images HTTP/1.1\r\nHost: drill\r\nX-Slow: " + b"a" * 1000
@@ -420,6 +448,12 @@ def run(workdir: Path, *, short: bool = False) -> Report:
                 lambda: idle_flood(host, port, plan.idle, head_deadline + 10),
             ),
             (
+                "idle keep-alive",
+                20,
+                head_deadline + 2,
+                lambda: idle_keep_alive(host, port, plan.keep_alive, head_deadline + 10),
+            ),
+            (
                 "slow headers",
                 20,
                 head_deadline + 2,
@@ -453,9 +487,10 @@ def run(workdir: Path, *, short: bool = False) -> Report:
                 f"{name}: the polite client waited {measured['max ms']} ms (bound 1000)",
             )
             if "closed by server" in attacked:
+                opened = attacked.get("opened", attacked.get("answered, then idle"))
                 report.check(
-                    attacked["closed by server"] == attacked["opened"],
-                    f"{name}: {attacked['opened'] - attacked['closed by server']} connections never closed",
+                    attacked["closed by server"] == opened,
+                    f"{name}: {opened - attacked['closed by server']} connections never closed",
                 )
                 report.check(
                     short or (attacked["max lifetime s"] or 0) <= head_deadline,
