@@ -14,9 +14,11 @@ is still not empty while the worker holds its whole budget is pressure, and then
 
 1. idle connections go first: those that have sent nothing for ``MIN_IDLE`` seconds since they were last
    answered (or since they opened), with nothing unread or unsent, are shut down longest-idle first, as
-   many as connections are queued (plus 1% of the budget). Granian sees the end of the stream, drops the
-   connection and its permit, and accepts a queued one. ``shutdown`` leaves the file descriptor to Granian
-   (it closes it), and each descriptor is checked again, by its peer address, just before;
+   many as connections are queued plus a tenth of the budget (a scan is not cheap: 0.45-0.9 s of one core
+   for 9,000 held connections on a loaded machine, so each frees room for many). Granian sees the end of
+   the stream, drops the connection and its permit, and accepts a queued one. ``shutdown`` leaves the file
+   descriptor to Granian (it closes it), and each descriptor is checked again, by its peer address, just
+   before;
 2. with no idle connection to close, the queued connections are accepted here and refused at once:
    ``503`` with ``Retry-After: 1`` and ``Connection: close``, rather than left waiting. The connections the
    worker holds are untouched and keep being answered. When some connections were answered less than
@@ -115,6 +117,12 @@ def find_listener() -> tuple[int, int] | None:
     return found[0] if len(found) == 1 else None
 
 
+def _descriptors() -> int:
+    """How many descriptors this process has open: st_size of /proc/self/fd on Linux 6.2+ (one call),
+    else a listing (about 30 ms at 18,000)."""
+    return os.stat("/proc/self/fd").st_size or len(os.listdir("/proc/self/fd"))
+
+
 def _socket_fds(pid: int | str = "self") -> dict[int, str]:
     """A process's socket descriptors and the socket each is (its inode)."""
     fds = {}
@@ -168,7 +176,7 @@ class ConnectionGuard:
             if events[0][1] & (select.POLLNVAL | select.POLLERR | select.POLLHUP):
                 return  # the worker closed its listener: it is shutting down
             time.sleep(SETTLE)  # Granian accepts what it has permits for
-            descriptors = len(os.listdir("/proc/self/fd"))
+            descriptors = _descriptors()
             if descriptors - self.other_fds < self.budget:
                 self.pressed_since = None  # not full (any more): the worker is just slow to accept
                 continue
@@ -218,7 +226,7 @@ class ConnectionGuard:
         idle = sorted((c for c in held if c.idle >= MIN_IDLE), key=lambda c: -c.idle)
         self.pressed_since = self.pressed_since or scanned
         if idle:
-            closed = sum(self._close_idle(c) for c in idle[: self.queued() + self.budget // 100])
+            closed = sum(self._close_idle(c) for c in idle[: self.queued() + self.budget // 10])
             self.closed_idle += closed
             self._log(f"closed {closed} idle connections")
             self.pressed_since = None
