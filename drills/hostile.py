@@ -6,12 +6,19 @@ phase and records every latency and error. The phases:
 
 1. idle flood: thousands of connections that never send a byte — all must be closed by the server within
    the header timeout + 1 s of opening, and the polite client answered within 1 s meanwhile;
+   then 2,000 (short 1,000) keep-alive connections answered once and then silent: closed within the same
+   bound of their answer;
 2. slow headers: connections sending their request head a byte a second — the same deadline;
 3. slow bodies: POSTs declaring a 1 KiB body sent a byte every 2 s — cut off (408, closed) within the body
    timeout + 1 s of their head;
 4. connection-rate flood: connections opened and dropped as fast as this machine can;
 5. greedy org: 64 connections looping at full speed for one org (wrk when installed) — it gets 429s with
-   Retry-After while the polite org, at 100 requests/s on the same worker, sees no error and p99 ≤ 50 ms.
+   Retry-After while the polite org, at 100 requests/s on the same worker, sees no error and p99 ≤ 50 ms;
+6. connection budget (hostile_budget.py, a second worker with a small CE_HTTP_MAX_CONNECTIONS): full of
+   idle keep-alive connections, new ones are answered within 1 s; full of busy ones, new ones get a 503
+   with Retry-After within 1 s and a connection the worker holds keeps being answered.
+
+Lifetimes and close times are the kernel's (TCP_INFO on the drill's sockets), not when the drill noticed.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import json
 import os
 import resource
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -33,15 +42,18 @@ from typing import Any
 import httpx
 
 from cluster_engine.cli import DEMO_ORG
+from cluster_engine.connguard import MIN_IDLE
 from cluster_engine.testing import LiveServer
 
 from .common import Report, percentile
+from .hostile_budget import CpuWaits, full_of_busy, full_of_idle, kernel_received
 
 NAME = "hostile"
 TITLE = "Hostile traffic: idle, slow and flooding connections, a greedy org"
 RATE_LIMIT = "200/400"  # per org and worker: the polite org's 100 requests/s fit, a flood does not
 GREEDY_ORG = uuid.UUID("6f1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d")
 POLITE_PATH = "/v1/images?idc=us-west-1"
+_LAST_ACK_RECV = 8 + 12 * 4  # struct tcp_info: tcpi_last_ack_recv, ms
 
 
 @dataclass(frozen=True)
@@ -53,10 +65,12 @@ class Plan:
     slow_bodies: int
     flood_seconds: float
     greedy_seconds: float
+    budget: int
+    keep_alive: int
 
 
-FULL = Plan(10, 10, 5000, 1000, 200, 10, 20)
-SHORT = Plan(3, 4, 5000, 300, 100, 4, 8)
+FULL = Plan(10, 10, 5000, 1000, 200, 10, 20, 2000, 2000)
+SHORT = Plan(3, 4, 5000, 300, 100, 4, 8, 1000, 1000)
 
 
 # ----------------------------------------------------------------------------------- polite client
@@ -186,6 +200,16 @@ async def _until_closed(reader: asyncio.StreamReader, bound: float) -> bytes | N
     return data
 
 
+def kernel_time(writer: Any) -> float:
+    """When (``time.monotonic``) this socket last received an acknowledgement from the server: right after
+    connect, its SYN-ACK; right after the client sees the server's close, that FIN (an idle connection
+    receives nothing else). The kernel notes it on arrival (``TCP_INFO``), so it is not delayed by this
+    process getting the CPU late, as what the client observes is on a loaded machine."""
+    sock = writer.get_extra_info("socket")
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return time.monotonic() - struct.unpack_from("I", raw, _LAST_ACK_RECV)[0] / 1000
+
+
 async def _open_many(host: str, port: int, count: int) -> list[tuple[float, Any, Any]]:
     gate = asyncio.Semaphore(256)
 
@@ -195,7 +219,7 @@ async def _open_many(host: str, port: int, count: int) -> list[tuple[float, Any,
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
             except (OSError, TimeoutError):
                 return None
-            return time.monotonic(), reader, writer
+            return kernel_time(writer), reader, writer
 
     opened = await asyncio.gather(*(one() for _ in range(count)))
     return [conn for conn in opened if conn is not None]
@@ -204,18 +228,49 @@ async def _open_many(host: str, port: int, count: int) -> list[tuple[float, Any,
 async def idle_flood(host: str, port: int, count: int, bound: float) -> dict[str, Any]:
     conns = await _open_many(host, port, count)
 
-    async def lifetime(at: float, reader: Any, writer: Any) -> float | None:
+    async def lifetime(at: float, reader: Any, writer: Any) -> tuple[float, float] | None:
         data = await _until_closed(reader, bound)
+        seen = time.monotonic()
+        closed = kernel_time(writer)
         writer.close()
-        return None if data is None else time.monotonic() - at
+        return None if data is None else (closed - at, seen - at)
 
-    lifetimes = await asyncio.gather(*(lifetime(*conn) for conn in conns))
+    return _lifetimes(conns, await asyncio.gather(*(lifetime(*conn) for conn in conns)))
+
+
+def _lifetimes(conns: list[Any], lifetimes: list[tuple[float, float] | None]) -> dict[str, Any]:
     closed = [t for t in lifetimes if t is not None]
     return {
         "opened": len(conns),
         "closed by server": len(closed),
-        "max lifetime s": round(max(closed), 2) if closed else None,
+        "max lifetime s": round(max(k for k, _ in closed), 2) if closed else None,
+        "max lifetime seen by the client s": round(max(c for _, c in closed), 2) if closed else None,
     }
+
+
+async def idle_keep_alive(host: str, port: int, count: int, bound: float) -> dict[str, Any]:
+    """Connections answered once (``GET /healthz``) and then silent: closed within the header timeout of
+    their answer (hyper's one timer restarts when a keep-alive connection waits for its next head)."""
+    conns = await _open_many(host, port, count)
+    request = b"GET /healthz HTTP/1.1\r\nHost: drill\r\n\r\n"
+
+    async def lifetime(_at: float, reader: Any, writer: Any) -> tuple[float, float] | None:
+        try:
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), bound)
+            await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+            writer.close()
+            return None
+        answered = kernel_received(writer)
+        data = await _until_closed(reader, bound)
+        seen = time.monotonic()
+        closed = kernel_time(writer)
+        writer.close()
+        return None if data is None else (closed - answered, seen - answered)
+
+    figures = _lifetimes(conns, await asyncio.gather(*(lifetime(*conn) for conn in conns)))
+    return {"answered, then idle": figures.pop("opened"), **figures}
 
 
 async def slow_heads(host: str, port: int, count: int, bound: float) -> dict[str, Any]:
@@ -232,17 +287,13 @@ async def slow_heads(host: str, port: int, count: int, bound: float) -> dict[str
 
         sender = asyncio.create_task(send())
         data = await _until_closed(reader, bound)
+        seen = time.monotonic()
         sender.cancel()
+        closed = kernel_time(writer)  # the server's FIN: after it, a byte sent gets a reset, not an ack
         writer.close()
-        return None if data is None else time.monotonic() - at
+        return None if data is None else (closed - at, seen - at)
 
-    lifetimes = await asyncio.gather(*(trickle(*conn) for conn in conns))
-    closed = [t for t in lifetimes if t is not None]
-    return {
-        "opened": len(conns),
-        "closed by server": len(closed),
-        "max lifetime s": round(max(closed), 2) if closed else None,
-    }
+    return _lifetimes(conns, await asyncio.gather(*(trickle(*conn) for conn in conns)))
 
 
 async def slow_bodies(host: str, port: int, count: int, token: str, bound: float) -> dict[str, Any]:
@@ -266,8 +317,9 @@ async def slow_bodies(host: str, port: int, count: int, token: str, bound: float
         sender = asyncio.create_task(send())
         data = await _until_closed(reader, bound)
         sender.cancel()
+        closed = kernel_time(writer)  # the server's close as the kernel saw it, not when we looked
         writer.close()
-        return (None if data is None else time.monotonic() - sent_at), (data or b"")[:12]
+        return (None if data is None else closed - sent_at), (data or b"")[:12]
 
     outcomes = await asyncio.gather(*(trickle(*conn) for conn in conns))
     cut = [t for t, _ in outcomes if t is not None]
@@ -396,6 +448,12 @@ def run(workdir: Path, *, short: bool = False) -> Report:
                 lambda: idle_flood(host, port, plan.idle, head_deadline + 10),
             ),
             (
+                "idle keep-alive",
+                20,
+                head_deadline + 2,
+                lambda: idle_keep_alive(host, port, plan.keep_alive, head_deadline + 10),
+            ),
+            (
                 "slow headers",
                 20,
                 head_deadline + 2,
@@ -415,10 +473,11 @@ def run(workdir: Path, *, short: bool = False) -> Report:
             ),
         ]
         for name, rate, seconds, attack in phases:
+            waits = CpuWaits(server.process.pid)
             with Polite(server, workdir, name.replace(" ", "-"), rate, seconds) as polite:
                 attacked = asyncio.run(attack())
             measured = polite.summary()
-            report.figures[name] = attacked
+            report.figures[name] = {**attacked, **waits.figures()}
             report.figures[f"{name}: polite client"] = measured
             report.check(
                 measured["errors"] == 0, f"{name}: the polite client saw {measured['errors']} errors"
@@ -428,9 +487,10 @@ def run(workdir: Path, *, short: bool = False) -> Report:
                 f"{name}: the polite client waited {measured['max ms']} ms (bound 1000)",
             )
             if "closed by server" in attacked:
+                opened = attacked.get("opened", attacked.get("answered, then idle"))
                 report.check(
-                    attacked["closed by server"] == attacked["opened"],
-                    f"{name}: {attacked['opened'] - attacked['closed by server']} connections never closed",
+                    attacked["closed by server"] == opened,
+                    f"{name}: {opened - attacked['closed by server']} connections never closed",
                 )
                 report.check(
                     short or (attacked["max lifetime s"] or 0) <= head_deadline,
@@ -461,19 +521,24 @@ def run(workdir: Path, *, short: bool = False) -> Report:
         metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
         throttled = [line for line in metrics.splitlines() if line.startswith("ce_http_throttled_total")]
         report.figures["ce_http_throttled_total"] = throttled[0].split()[-1] if throttled else None
+    budget_phases(workdir, plan, report, short)
     report.figures["load average after"] = round(os.getloadavg()[0], 1)
     report.figures["settings"] = {
         "CE_HTTP_HEADER_TIMEOUT": plan.header_timeout,
         "CE_HTTP_BODY_TIMEOUT": plan.body_timeout,
         "CE_RATE_LIMIT": RATE_LIMIT,
         "workers": 1,
+        "budget phases": f"CE_HTTP_MAX_CONNECTIONS={plan.budget}, CE_HTTP_HEADER_TIMEOUT=60",
     }
     report.details = [
         "Each attack runs while a polite client (its own process, 20 requests/s, 100 in the greedy phase) "
         "lists images; its latencies are for answered requests, errors are anything but a 200. Lifetimes "
-        "are from the client's connect to its seeing the server's close (so they include the client's own "
-        "lag with thousands of sockets); a slow body's from its head being sent. Load average is the "
-        "machine's (2 shared cores): the latency figures are those of that machine.",
+        "are from the kernel's record on the client's socket (TCP_INFO: when the SYN-ACK and the server's "
+        "FIN arrived), so they are the server's, not delayed by the drill getting the CPU late; 'seen by "
+        "the client' is when the drill noticed. 'waited for CPU' is run-queue time (schedstat) over the "
+        "phase of the thread that waited most, in the server's worker and in the drill: on a loaded "
+        "machine it says whose lateness a late figure is. A slow body's time is from its head being sent "
+        "to its 408 arriving. Load average is the machine's (2 shared cores).",
         "",
         "How: `serve` runs Granian in HTTP/1 mode. In its default auto mode Granian first reads bytes to "
         "pick HTTP/1 or HTTP/2, with no timer, and hyper's `header_read_timeout` starts only after that, "
@@ -482,7 +547,64 @@ def run(workdir: Path, *, short: bool = False) -> Report:
         "accept, and again whenever a keep-alive connection goes idle. Bodies: `CE_HTTP_BODY_TIMEOUT` "
         "bounds the whole body from the request reaching the app (408, connection closed). Budget: "
         "`CE_HTTP_MAX_CONNECTIONS` per worker (Granian's backpressure; 10,000, was backlog/workers = "
-        "1,024); past it new connections wait in the listen queue, each held one ends within the header "
-        "timeout of going silent. `CE_RATE_LIMIT` is counted per worker.",
+        "1,024). Granian stops accepting at it; a guard thread per worker (connguard.py) sees the listen "
+        "queue stay non-empty at a full budget and closes the longest-idle keep-alive connections "
+        "(silent >= 1 s), or with none idle accepts the queued connections and answers 503 + Retry-After "
+        "itself (when a held client was answered under 1 s ago, the queue waits up to 1 s for it to go "
+        "idle first). `CE_RATE_LIMIT` is counted per worker.",
+        "",
+        "Loaded machines (issue #14: at load average 19 a full run saw an idle connection live 15.88 s "
+        "against a 10 s timeout). The drill used to time a close by when its own event loop noticed it. "
+        "With the drill's client frozen 80 ms in every 100 ms (SIGSTOP/SIGCONT, 2,000 idle connections, "
+        "3 s timeout) that was 5.07 s while the kernel had received the FIN at 3.07 s; with the server's "
+        "worker frozen the same way instead, the FIN came at 3.17 s. The late figure was the drill's: "
+        "lifetimes are now the kernel's, and the run-queue waits show whose CPU was short.",
+        "",
+        "Before the guard (Granian alone; CE_HTTP_MAX_CONNECTIONS=1000, CE_HTTP_HEADER_TIMEOUT=10, load "
+        "average 7.8): a new connection at a budget full of idle keep-alive connections waited 7.98 s, at"
+        " one full of heads trickling in 7.01 s, each time until the header timeout ended held "
+        "connections; connections that do not time out (requests being answered) would keep it waiting as"
+        " long as they last. The connection was accepted by the kernel at once, so the client saw a "
+        "connected socket with no answer.",
     ]
     return report
+
+
+def budget_phases(workdir: Path, plan: Plan, report: Report, short: bool) -> None:
+    """A second server with a small budget and a header timeout longer than the phases: full of idle
+    keep-alive connections, new ones must be answered; full of busy ones, refused fast (503)."""
+    env = {
+        "CE_HTTP_MAX_CONNECTIONS": str(plan.budget),
+        "CE_HTTP_HEADER_TIMEOUT": "60",
+        "CE_ACCESS_LOG": "false",
+    }
+    with LiveServer.start(workdir / "budget", env=env, args=["--demo"]) as server:
+        host, port = "127.0.0.1", int(server.url.rsplit(":", 1)[1])
+        token = server.token(DEMO_ORG)
+        # Busy: the held keep-alive client was answered under MIN_IDLE ago, so the queue may wait that
+        # long for it to go idle before the refusals start.
+        for name, phase, status, bound in (
+            ("budget full of idle keep-alive", full_of_idle, "200", 1.0),
+            ("budget full of busy connections", full_of_busy, "503", MIN_IDLE + 1),
+        ):
+            waits = CpuWaits(server.process.pid)
+            figures = asyncio.run(phase(host, port, plan.budget, token))
+            report.figures[name] = {**figures, **waits.figures()}
+            answered = figures["new connections"]
+            report.check(
+                set(answered) == {status}, f"{name}: new connections got {answered}, not all {status}"
+            )
+            report.check(
+                short or figures["time to answer max s"] <= bound,
+                f"{name}: a new connection waited {figures['time to answer max s']} s (bound {bound:g})",
+            )
+        busy = report.figures["budget full of busy connections"]
+        report.check(busy["Retry-After"] == ["1"], f"budget: the 503s' Retry-After is {busy['Retry-After']}")
+        held = busy["held keep-alive client meanwhile"]
+        silences = busy["held client's silence before a failure s"]
+        # A held connection silent for MIN_IDLE may be closed to make room (a starved drill can be that
+        # late between two requests); one in use may not.
+        report.check(
+            "200" in held and all(silence >= MIN_IDLE for silence in silences),
+            f"budget: a connection the worker held, in use, got {held} (silent {silences} s before)",
+        )

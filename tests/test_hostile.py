@@ -137,3 +137,73 @@ def test_full_connection_budget_keeps_serving_held_connections(tmp_path: Path, d
             return statuses
 
         assert asyncio.run(scenario()) == [200] * 20
+
+
+def _head(token: str, path: str = "/v1/images") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+
+
+async def _answer(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(BOUND):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+    return head
+
+
+@pytest.fixture
+def small_budget(tmp_path: Path) -> Iterator[LiveServer]:
+    """16 connections per worker and a header timeout longer than BOUND: within these tests, the timeout
+    is never what frees a slot."""
+    env = {"CE_HTTP_MAX_CONNECTIONS": "16", "CE_HTTP_HEADER_TIMEOUT": "60", "CE_ACCESS_LOG": "false"}
+    with LiveServer.start(tmp_path, env=env, args=["--demo"]) as server:
+        yield server
+
+
+def test_full_budget_of_idle_keep_alive_connections_makes_room_for_a_new_one(
+    small_budget: LiveServer, demo_org: uuid.UUID
+) -> None:
+    async def scenario() -> tuple[bytes, int]:
+        host, port = _address(small_budget)
+        token = small_budget.token(demo_org)
+        held = [await asyncio.open_connection(host, port) for _ in range(16)]
+        for reader, writer in held:  # each answered once, then silent: the budget is full of idle ones
+            writer.write(_head(token, "/healthz"))
+            await _answer(reader)
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(_head(token))
+        head = await _answer(reader)  # the worker closes an idle connection to take this one
+        writer.close()
+        for _, idle_writer in held:
+            idle_writer.close()
+        return head, sum(1 for idle_reader, _ in held if idle_reader.at_eof())
+
+    head, closed = asyncio.run(scenario())
+    assert head.startswith(b"HTTP/1.1 200")
+    assert closed >= 1
+
+
+def test_full_budget_of_busy_connections_refuses_a_new_one_and_keeps_answering(
+    small_budget: LiveServer, demo_org: uuid.UUID
+) -> None:
+    async def scenario() -> tuple[bytes, bytes]:
+        host, port = _address(small_budget)
+        token = small_budget.token(demo_org)
+        request = _head(token)
+        held = [await asyncio.open_connection(host, port) for _ in range(16)]
+        for _, writer in held:  # every one has a request under way (its head half sent): none is idle
+            writer.write(request[:20])
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(request)
+        refusal = await _closed_by_server(reader)  # refused at once, not queued until a slot frees
+        writer.close()
+        held_reader, held_writer = held[0]
+        held_writer.write(request[20:])
+        answer = await _answer(held_reader)  # a connection the worker holds is still answered
+        for _, busy_writer in held:
+            busy_writer.close()
+        return refusal, answer
+
+    refusal, answer = asyncio.run(scenario())
+    assert refusal.startswith(b"HTTP/1.1 503"), refusal[:200]
+    assert b"retry-after: 1" in refusal.lower()
+    assert answer.startswith(b"HTTP/1.1 200")

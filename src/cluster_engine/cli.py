@@ -75,9 +75,12 @@ def _configure_logging(level: str) -> None:
 def worker_app() -> Any:
     """Granian's factory target: each worker process builds its app from the same environment."""
     from .app import create_app
+    from .connguard import ConnectionGuard
 
     _configure_logging(os.environ.get("CE_LOG_LEVEL", "info"))
-    return create_app(load_settings(os.environ))
+    settings = load_settings(os.environ)
+    ConnectionGuard.start(settings.max_connections)  # idle ones closed first, then 503s, at the budget
+    return create_app(settings)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

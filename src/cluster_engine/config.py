@@ -230,9 +230,10 @@ SETTINGS: tuple[Setting, ...] = (
         "CE_HTTP_HEADER_TIMEOUT",
         "header_timeout",
         _float("CE_HTTP_HEADER_TIMEOUT", 1, 60),
-        "Seconds a client has to send a request's headers before its connection is closed; also how long "
-        "an idle keep-alive connection is kept. Keep it above clients' pool expiry (httpx: 5 s), or a "
-        "client may reuse a connection just as the server closes it.",
+        "Seconds a connection may wait for its next request head: from accept, and again after each "
+        "answer (this is the keep-alive idle timeout too: one timer in the HTTP server). A connection "
+        "that has not sent a complete head by then is closed. Keep it above clients' pool expiry "
+        "(httpx: 5 s), or a client may reuse a connection just as the server closes it.",
     ),
     Setting(
         "CE_HTTP_MAX_HEADER_BYTES",
@@ -254,9 +255,11 @@ SETTINGS: tuple[Setting, ...] = (
         "CE_HTTP_MAX_CONNECTIONS",
         "max_connections",
         _int("CE_HTTP_MAX_CONNECTIONS", 16, 1_000_000),
-        "Connections each worker holds at most (Granian's backpressure); past it, new connections wait "
-        "in the listen queue (CE_HTTP_BACKLOG) and, when that is full, are not accepted. Each takes a "
-        "file descriptor: the open-files limit must allow it.",
+        "Connections each worker holds at most (Granian's backpressure). At it, new connections are "
+        "not left waiting in the listen queue: the worker closes its longest-idle keep-alive "
+        "connections (silent for 1 s or more) to take them, or, with none idle, answers them 503 with "
+        "Retry-After: 1 at once; the connections it holds keep being answered. Each takes a file "
+        "descriptor: the open-files limit must allow it.",
     ),
     Setting(
         "CE_HTTP_BACKLOG",
