@@ -222,7 +222,9 @@ class HotPath:
         await self.app(scope, receive, send)
 
     async def route(self, scope: Scope, receive: Any, send: Any) -> None:
-        """A request whose prefix ``Prefixes`` took off: the same answers as without one."""
+        """A request whose prefix ``Prefixes`` took off: the same answers as without one. The tests are
+        ``__call__``'s, written out again: a helper returning the endpoint cost 0.5-1.4 µs per request on
+        the root path (bench/micro.py, two alternated pairs)."""
         if scope["type"] == "http" and scope["method"] == "GET":
             path = scope["path"]
             if path == LIST_PATH:
