@@ -106,6 +106,19 @@ def reader_server(directory: Path, database: Database, secret: str | None = None
     return LiveServer.start(directory, database_url=f"{database.primary_url}?application_name={app}", env=env)
 
 
+@contextlib.contextmanager
+def writer_and_reader(
+    tmp_path: Path, database_: Database, org: uuid.UUID
+) -> Iterator[tuple[LiveServer, LiveServer, httpx.Client, httpx.Client]]:
+    """A server process on the primary and one reading from the standby (with the writer's secret), the
+    writer's admin client for ``org`` and the reader's client for it."""
+    with (
+        LiveServer.start(tmp_path / "writer", database_url=database_.primary_url) as writer,
+        reader_server(tmp_path / "reader", database_, writer.secret) as reader,
+    ):
+        yield writer, reader, admin(writer, org), reader.client(org)
+
+
 def image_reads(server: PostgresServer, app: str) -> int:
     """Statements of ``app`` that read the images table, in the server's statement log so far."""
     text = server.log_path.read_text(errors="replace")
@@ -164,11 +177,7 @@ def test_a_write_through_one_process_is_served_by_a_standby_reader_within_the_bo
 ) -> None:
     database_ = database(pair, remote_apply=True)
     org = uuid.uuid4()
-    with (
-        LiveServer.start(tmp_path / "writer", database_url=database_.primary_url) as writer,
-        reader_server(tmp_path / "reader", database_, writer.secret) as reader,
-    ):
-        writes, client = admin(writer, org), reader.client(org)
+    with writer_and_reader(tmp_path, database_, org) as (_writer, _reader, writes, client):
         delays = []
         for index in range(20):
             created = writes.post("/v1/images", json=public(f"img-{index}"))
@@ -223,11 +232,7 @@ def test_with_replay_paused_a_write_is_served_from_the_primary_and_never_stale(
 ) -> None:
     database_ = database(pair, remote_apply=False)
     org = uuid.uuid4()
-    with (
-        LiveServer.start(tmp_path / "writer", database_url=database_.primary_url) as writer,
-        reader_server(tmp_path / "reader", database_, writer.secret) as reader,
-    ):
-        writes, client = admin(writer, org), reader.client(org)
+    with writer_and_reader(tmp_path, database_, org) as (_writer, reader, writes, client):
         assert writes.post("/v1/images", json=public("before")).status_code == 201
         served_within_bound(client, "before", time.monotonic())
 
@@ -263,11 +268,7 @@ def test_with_replay_paused_a_write_is_served_from_the_primary_and_never_stale(
 def test_with_the_standby_down_reads_go_to_the_primary_and_come_back(pair: Pair, tmp_path: Path) -> None:
     database_ = database(pair, remote_apply=False)
     org = uuid.uuid4()
-    with (
-        LiveServer.start(tmp_path / "writer", database_url=database_.primary_url) as writer,
-        reader_server(tmp_path / "reader", database_, writer.secret) as reader,
-    ):
-        writes, client = admin(writer, org), reader.client(org)
+    with writer_and_reader(tmp_path, database_, org) as (_writer, reader, writes, client):
         assert writes.post("/v1/images", json=public("before")).status_code == 201
         served_within_bound(client, "before", time.monotonic())
         primary_reads = image_reads(pair.primary, database_.name)
