@@ -10,6 +10,7 @@ import contextlib
 import random
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,8 +179,23 @@ class Traffic:
         """Paced writes at ``WRITE_RATE``/s over every replica until ``stop``: creates (a fifth of them
         Public, by the admin), and deletes of earlier creates (30% of writes once there are some)."""
         rnd = random.Random(seed)
-        pending: set[asyncio.Task[None]] = set()
         live: list[tuple[str, str]] = []  # (image id, token that may delete it)
+
+        def write(now: float, target: str) -> Coroutine[Any, Any, None]:
+            self.write_times.append(now)
+            if live and rnd.random() < 0.3:
+                image_id, token = live.pop(rnd.randrange(len(live)))
+                return self._delete(client, target, image_id, token)
+            return self._create(client, target, rnd, live)
+
+        await self._paced(WRITE_RATE, stop, write)
+
+    async def _paced(
+        self, rate: float, stop: asyncio.Event, start: Callable[[float, str], Coroutine[Any, Any, None]]
+    ) -> None:
+        """Start ``start(now, target)`` as a task ``rate`` times a second until ``stop``, round the
+        replicas in service (open-loop: never a catch-up burst after a stall); then wait for them all."""
+        pending: set[asyncio.Task[None]] = set()
         next_at = time.monotonic()
         sent = 0
         while not stop.is_set():
@@ -188,17 +204,11 @@ class Traffic:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), next_at - now)
                 continue
-            next_at = max(next_at + 1 / WRITE_RATE, now - 1.0)  # no catch-up bursts after a stall
+            next_at = max(next_at + 1 / rate, now - 1.0)
             targets = self.in_service()
             target = targets[sent % len(targets)]
             sent += 1
-            self.write_times.append(now)
-            if live and rnd.random() < 0.3:
-                image_id, token = live.pop(rnd.randrange(len(live)))
-                coro = self._delete(client, target, image_id, token)
-            else:
-                coro = self._create(client, target, rnd, live)
-            task = asyncio.create_task(coro)
+            task = asyncio.create_task(start(now, target))
             pending.add(task)
             task.add_done_callback(pending.discard)
         await asyncio.gather(*list(pending))
@@ -308,24 +318,12 @@ class Traffic:
         seeded orgs (a new connection each with a ``client`` that keeps none): the faults' witnesses."""
         rnd = random.Random(seed)
         tokens = [mint_token(self.secret, org(i), ttl=24 * 3600) for i in range(ORGS)]
-        pending: set[asyncio.Task[None]] = set()
-        next_at = time.monotonic()
-        sent = 0
-        while not stop.is_set():
-            now = time.monotonic()
-            if next_at > now:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), next_at - now)
-                continue
-            next_at = max(next_at + 1 / READ_RATE, now - 1.0)
-            targets = self.in_service()
-            target = targets[sent % len(targets)]
-            sent += 1
+
+        def read(_now: float, target: str) -> Coroutine[Any, Any, None]:
             who = rnd.randrange(ORGS)
-            task = asyncio.create_task(self._read(client, target, who, tokens[who]))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-        await asyncio.gather(*list(pending))
+            return self._read(client, target, who, tokens[who])
+
+        await self._paced(READ_RATE, stop, read)
 
     async def _read(self, client: httpx.AsyncClient, target: str, who: int, token: str) -> None:
         response, answer = await self.send(
