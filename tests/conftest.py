@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,17 @@ STORES = ["sqlite", "postgresql"]
 # marked ``postgresql`` (below) this way after the main run.
 VIA_PGBOUNCER = os.environ.get("CE_TEST_VIA_PGBOUNCER", "").lower() in ("1", "true", "yes", "on")
 IN_CI = os.environ.get("CI") == "true"
+
+
+def chromium() -> str:
+    """Debian's chromium for the browser tests (Playwright never downloads a browser here): a failure
+    under CI (.ci/run installs it), a skip elsewhere."""
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        if IN_CI:
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        pytest.skip("chromium is not installed")
+    return executable
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -9,7 +9,6 @@ import contextlib
 import functools
 import http.server
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -25,6 +24,8 @@ from cluster_engine.config import ConfigError, load_settings
 from cluster_engine.cors import ALLOW_HEADERS, EXPOSE_HEADERS, METHODS, with_cors
 from cluster_engine.pgserver import PostgresServer, PostgresUnavailable
 from cluster_engine.testing import LiveServer, free_port
+
+from .conftest import chromium
 
 FRONT_END = "http://localhost:5173"
 FOREIGN = "http://localhost:5174"
@@ -266,18 +267,10 @@ CALL_THE_API = """async ([api, token]) => {
 }"""
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def test_a_browser_page_on_a_listed_origin_calls_the_api_and_one_on_another_origin_is_refused(
     cors_server: LiveServer, sites: tuple[str, str]
 ) -> None:
-    executable = _chromium()
-    if executable is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed (.ci/run installs it)")
-        pytest.skip("chromium is not installed")
+    executable = chromium()
     from playwright.sync_api import sync_playwright
 
     listed, unlisted = sites

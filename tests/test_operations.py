@@ -22,6 +22,8 @@ from cluster_engine.pgserver import PostgresServer
 from cluster_engine.pids import children
 from cluster_engine.testing import LiveServer
 
+from .conftest import chromium
+
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     found = {}
@@ -206,22 +208,11 @@ def test_readyz_fails_during_a_database_outage_and_recovers(tmp_path: Path, mode
     assert "ce_db_errors_total" in metrics
 
 
-def _chromium() -> str | None:
-    for candidate in ("/usr/bin/chromium", "/usr/bin/chromium-browser"):
-        if Path(candidate).exists():
-            return candidate
-    return None
-
-
 @pytest.mark.parametrize("prefix", ["", "/api"])
 def test_docs_page_renders_the_list_operation_offline(
     demo_server: LiveServer, tmp_path: Path, prefix: str
 ) -> None:
-    executable = _chromium()
-    if executable is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed (.ci/run installs it)")
-        pytest.skip("chromium is not installed")
+    executable = chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
