@@ -7,7 +7,9 @@ of its own, migrated with ``cluster-engine db upgrade`` and seeded with a small 
 ports, all started at once, with the defaults of the connection budget (``CE_DB_POOL_SIZE`` 1,
 ``CE_DB_POOL_OVERFLOW`` 1, ``CE_DB_LISTEN`` off), polling every 0.25 s:
 
-- direct (full: 25 x 2 = 50 workers; short: 6 x 2): the workers connect to PostgreSQL itself;
+- direct (full: 25 x 2 = 50 workers; short: 6 x 2): the workers connect to PostgreSQL itself, and the
+  odd-numbered replicas (those of a "far" data center) read from a hot standby of it (``pg_basebackup
+  -R``, streaming; ``CE_DATABASE_READ_URL``) while writing to the primary;
 - PgBouncer (full: 25 x 4 = 100 workers; short: 6 x 3): Debian's PgBouncer in transaction pooling with
   ``default_pool_size`` ``BOUNCER_POOL`` (and ``max_db_connections`` the same) in front; the service's URL
   carries ``pgbouncer=true``.
@@ -29,11 +31,13 @@ Public ones by an ``images:admin`` token, over every replica in service) and ste
    (and, reported too, to its answer). The promise checked is the freshness bound's: no request sent
    more than 1 s after the 201 gets an answer without the image (on a loaded machine an answer may
    arrive later than that; it must still list the image);
-3. the topology's faults (drills/fleet_faults.py), one after another: directly, one replica SIGKILLed (its
-   whole process group) and restarted (the short form skips it: the PgBouncer topology has it too);
-   through PgBouncer, PgBouncer restarted, then one replica killed and restarted. After each, once the
-   steady reads have answered 2xx for a second, another admin write's propagation is timed (the restarted
-   replica included);
+3. the topology's faults (drills/fleet_faults.py), one after another: directly, the standby's replay
+   paused (an admin write's propagation is timed while it holds: the standby's readers must serve it from
+   the primary within the bound) and resumed, then one replica SIGKILLed (its whole process group) and
+   restarted (the short form skips the kill: the PgBouncer topology has it too); through PgBouncer,
+   PgBouncer restarted, then one replica killed and restarted. After each, once the steady reads have
+   answered 2xx for a second, another admin write's propagation is timed (the restarted replica
+   included);
 4. the writes stop; after a settling pause the fleet sits idle for a window in which the steady
    connections, each worker's RSS, PgBouncer's pools, and the transactions the fleet's polling costs the
    primary (``pg_stat_database.xact_commit + xact_rollback`` of the service's database: its delta over the
@@ -73,6 +77,7 @@ from typing import Any
 
 import httpx
 import psycopg
+from sqlalchemy.engine import make_url
 
 from cluster_engine import db
 from cluster_engine.config import Settings, load_settings
@@ -83,7 +88,16 @@ from cluster_engine.pids import pid_alive
 from cluster_engine.testing import LiveServer
 
 from .common import Ledger, Report, median, org, percentile, rss_mib, seed_catalog, verify_ledger, worker_pids
-from .fleet_faults import RECOVERY_LIMIT, Fault, Fleet, PgBouncerRestart, Record, ReplicaKill, judge
+from .fleet_faults import (
+    RECOVERY_LIMIT,
+    Fault,
+    Fleet,
+    PgBouncerRestart,
+    Record,
+    ReplicaKill,
+    StandbyReplayPaused,
+    judge,
+)
 from .fleet_monitor import CONNECT_TIMEOUT, PROBE_EVERY, Monitor, Sample
 from .fleet_traffic import (
     ORGS,
@@ -136,18 +150,29 @@ class Topology:
     shape: Shape
     via_pgbouncer: bool
     faults: tuple[Callable[[], Fault], ...] = ()
+    standby: bool = False  # the odd-numbered replicas read from a hot standby (CE_DATABASE_READ_URL)
 
 
 def topologies(short: bool) -> list[Topology]:
     faults: tuple[Callable[[], Fault], ...] = (PgBouncerRestart, ReplicaKill)
     if short:
         return [
-            Topology("direct", Shape(6, 2, 32, 120.0, 2.0, 4.0, 100), via_pgbouncer=False),
+            Topology(
+                "direct",
+                Shape(6, 2, 32, 120.0, 2.0, 4.0, 100),
+                via_pgbouncer=False,
+                faults=(StandbyReplayPaused,),
+                standby=True,
+            ),
             Topology("PgBouncer", Shape(6, 3, 32, 120.0, 2.0, 4.0, 100), via_pgbouncer=True, faults=faults),
         ]
     return [
         Topology(
-            "direct", Shape(25, 2, 64, 300.0, 3.0, 20.0, 200), via_pgbouncer=False, faults=(ReplicaKill,)
+            "direct",
+            Shape(25, 2, 64, 300.0, 3.0, 20.0, 200),
+            via_pgbouncer=False,
+            faults=(StandbyReplayPaused, ReplicaKill),
+            standby=True,
         ),
         Topology("PgBouncer", Shape(25, 4, 64, 300.0, 3.0, 20.0, 200), via_pgbouncer=True, faults=faults),
     ]
@@ -183,13 +208,17 @@ def _launch(
 
 
 def start_fleet(
-    pool: concurrent.futures.ThreadPoolExecutor, workdir: Path, url: str, env: dict[str, str], shape: Shape
+    pool: concurrent.futures.ThreadPoolExecutor,
+    workdir: Path,
+    url: str,
+    env: Callable[[int], dict[str, str]],
+    shape: Shape,
 ) -> tuple[list[LiveServer], list[str]]:
     """Every replica started at once (a thread of ``pool`` each starts one and waits for its /readyz); the
     servers that came up and what went wrong with the others. ``pool`` must outlive the servers: each
     server gets SIGTERM when the thread that started it ends (LiveServer sets PR_SET_PDEATHSIG, which
-    follows the forking thread, not the process)."""
-    futures = [_launch(pool, workdir / f"replica-{i:02d}", url, env, shape) for i in range(shape.replicas)]
+    follows the forking thread, not the process). ``env(i)`` is replica i's environment."""
+    futures = [_launch(pool, workdir / f"replica-{i:02d}", url, env(i), shape) for i in range(shape.replicas)]
     servers: list[LiveServer] = []
     errors: list[str] = []
     for i, future in enumerate(futures):
@@ -335,6 +364,7 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
     ledger: Ledger | None = None  # the writes', once they begin
     url: str | None = None
     bouncer: PgBouncer | None = None
+    standby: PostgresServer | None = None
     try:
         url = pg.create_database()
         database = url.rsplit("/", 1)[1]
@@ -346,19 +376,31 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
         if topology.via_pgbouncer:
             bouncer = PgBouncer.start(pg.port, settings=BOUNCER_SETTINGS)
         service_url = bouncer.url(url) if bouncer is not None else url
+        replica_env: Callable[[int], dict[str, str]] = lambda i: env  # noqa: E731
+        if topology.standby:
+            standby = PostgresServer.start_standby(pg)
+            standby.wait_replayed(pg, timeout=60)
+            read_env = {**env, "CE_DATABASE_READ_URL": _on_port(url, standby.port)}
+            replica_env = lambda i: read_env if i % 2 else env  # noqa: E731
         figures["set-up"] = (
             f"{shape.replicas} replicas x {shape.workers} workers = {shape.replicas * shape.workers} "
             f"workers (`serve --workers {shape.workers}`, pool {settings.db_pool_size} + overflow "
             f"{settings.db_pool_overflow}, LISTEN {'on' if settings.db_listen else 'off'}, poll every "
             f"{POLL_INTERVAL} s), "
             + (f"through PgBouncer (pool {BOUNCER_POOL})" if bouncer else "connected to PostgreSQL directly")
+            + (
+                f"; the {shape.replicas // 2} odd-numbered replicas read from a hot standby "
+                "(`pg_basebackup -R`, streaming; CE_DATABASE_READ_URL) and write to the primary"
+                if standby
+                else ""
+            )
             + f"; catalog: {imported}"
         )
         monitor = Monitor(pg.url, database, t0, bouncer_admin=bouncer.admin_url if bouncer else None)
         with monitor:
             # ------------------------------------------------------------------ start-up
             mark("launch")
-            servers, errors = start_fleet(pool, workdir, service_url, env, shape)
+            servers, errors = start_fleet(pool, workdir, service_url, replica_env, shape)
             mark("all ready")
             report.failures += [prefix + e for e in errors]
             want = shape.workers
@@ -391,8 +433,13 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
                 servers,
                 traffic,
                 bouncer,
-                lambda i: _launch(pool, workdir / f"replica-{i:02d}-again", service_url, env, shape),
+                lambda i: _launch(
+                    pool, workdir / f"replica-{i:02d}-again", service_url, replica_env(i), shape
+                ),
                 shape.workers,
+                standby=standby,
+                primary=pg,
+                xacts=monitor.xacts,
             )
             records: list[Record] = []
             propagations: dict[str, Propagation] = {}
@@ -417,6 +464,7 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
                     reader = asyncio.create_task(traffic.read_forever(reads, stop, seed=11))
                     mark("bursts")
                     xacts["bursts"] = await asyncio.to_thread(monitor.xacts)
+                    xacts["standby"] = await asyncio.to_thread(_standby_xacts, standby, database)
                     mark.at["cold seconds"] = await traffic.burst(
                         bursts, "cold burst", cold, shape.concurrency
                     )
@@ -431,6 +479,12 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
                         fault = make()
                         record = await asyncio.to_thread(fault.inject, fleet)
                         records.append(record)
+                        undo = getattr(fault, "undo", None)  # a fault that holds: timed while it holds
+                        if undo is not None:
+                            propagations[f"while {fault.name.split(' and ')[0]}"] = await traffic.propagation(
+                                writes, polls
+                            )
+                            await asyncio.to_thread(undo, fleet, record)
                         record.figures["quiet after"] = f"{await _quiet(traffic, record.undone):.1f} s"
                         propagations[f"after {fault.name}"] = await traffic.propagation(writes, polls)
                     mark("propagated")
@@ -444,6 +498,7 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
             time.sleep(shape.settle)
             mark("idle")
             xacts["idle"] = monitor.xacts()
+            xacts["standby idle"] = _standby_xacts(standby, database)
             idle_began = time.monotonic()
             time.sleep(shape.idle / 2)
             rss: dict[str, list[float]] = {"workers": [], "supervisors": []}
@@ -457,6 +512,7 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
             available = _meminfo("MemAvailable")
             time.sleep(max(0.0, shape.idle - (time.monotonic() - idle_began)))
             xacts["idle end"] = monitor.xacts()
+            xacts["standby idle end"] = _standby_xacts(standby, database)
             idle_seconds = time.monotonic() - idle_began
             mark("idle end")
         # ---------------------------------------------------------------------- figures
@@ -545,6 +601,16 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
             f"during the bursts: {(xacts['bursts end'] - xacts['bursts']) / burst_seconds:.0f}/s over "
             f"{burst_seconds:.1f} s"
         )
+        if standby is not None:
+            readers = max(1, sum(1 for i in range(len(servers)) if i % 2) * shape.workers)
+            busy = (xacts["standby idle"] - xacts["standby"]) / (mark["idle"] - mark["bursts"])
+            quiet = (xacts["standby idle end"] - xacts["standby idle"]) / idle_seconds
+            figures["reads on the standby"] = (
+                f"{busy:.0f} transactions/s ({busy / readers:.2f} per worker of the {readers} that read "
+                f"from it) from the bursts to the idle window (changes and org loads), {quiet:.0f}/s idle: "
+                "each poll first asks the primary for its revision (one indexed row, counted above) and "
+                "reads the standby only when there is something new"
+            )
 
         # ---------------------------------------------------------------------- checks
         report.check(not other, f"{prefix}{sum(other.values())} answers no fault excuses: {other}")
@@ -593,6 +659,8 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
         finally:
             if bouncer is not None:
                 bouncer.destroy()
+            if standby is not None:
+                standby.destroy()
         report.figures.update({prefix + k: v for k, v in figures.items()})
         if report.failures and servers:
             report.details += [
@@ -670,6 +738,22 @@ def _pools(monitor: Monitor, mark: Marks) -> str:
         f"{median([p.sv_active + p.sv_idle + p.sv_used for p in idle]):.0f}; SHOW POOLS failed "
         f"{len(monitor.pool_errors)} times (PgBouncer down)"
     )
+
+
+def _on_port(url: str, port: int) -> str:
+    """``url`` with another server port (the standby's: same database, same role)."""
+    return make_url(url).set(port=port).render_as_string(hide_password=False)
+
+
+def _standby_xacts(standby: PostgresServer | None, database: str) -> int:
+    """Transactions of the service's database on the standby so far (0 without one): its readers' polls
+    and org loads."""
+    if standby is None:
+        return 0
+    rows = standby.query(
+        f"SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{database}'"
+    )
+    return int(str(rows[0][0])) if rows else 0
 
 
 def _meminfo(key: str) -> float:

@@ -5,13 +5,20 @@ A fault is an object with a ``name`` and an ``inject(fleet)`` that runs in a thr
 loop keeps sending meanwhile), does the damage, undoes it, and returns a ``Record``: when it began, when
 it was undone, which answers it excuses (and for how long after it was undone), its own figures and
 failures. Every answer that is not 2xx is reported by cause; the drill fails on those no fault excuses.
-Adding a fault (the standby's replay paused and resumed, once reads can go to a hot standby) is one more
-class here and one more entry in the topology's list of faults.
+A fault that holds (``StandbyReplayPaused``) also has an ``undo(fleet, record)``: the drill times an admin
+write's propagation while the fault holds, then undoes it. Adding a fault is one more class here and one
+more entry in the topology's list of faults.
 
 - ``PgBouncerRestart``: PgBouncer stopped (SIGTERM: immediate shutdown, every client and server connection
   cut) and, ``GAP`` s later, started again on the same port. Excused: 503s with the contract's body and a
   Retry-After from the stop until ``RECOVERY_LIMIT`` s after PgBouncer accepts connections again; the
   service promises nothing else (no 500, no other body, no hanging request).
+- ``StandbyReplayPaused``: the hot standby that some replicas read from (``CE_DATABASE_READ_URL``) stops
+  replaying WAL (``pg_wal_replay_pause()``) for at least ``PAUSE`` s, during which an admin write's
+  propagation is timed, then resumes. Excused: nothing. The standby never makes the service answer 503:
+  while it stays behind the primary's revision, those replicas read from the primary, so every answer is
+  2xx and the write is served by every replica within the freshness bound. Its figures: the primary's
+  transactions/s while paused against those just before, and how long the standby took to catch up.
 - ``ReplicaKill``: one replica's whole process group (supervisor and workers) SIGKILLed, taken out of
   service first (as a load balancer's health check would), and started again (on a new port: its old
   one may linger). Excused: no answer from that replica for requests in flight at the kill. The other
@@ -31,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from cluster_engine.pgbouncer import PgBouncer
+from cluster_engine.pgserver import PostgresServer
 from cluster_engine.pids import pid_alive
 from cluster_engine.testing import LiveServer
 
@@ -41,19 +49,25 @@ GAP = 1.0  # s PgBouncer stays down
 RECOVERY_LIMIT = 5.0  # s after the fault is undone by which every answer must be 2xx again
 READY_LIMIT = 60.0  # s for a killed replica to be ready again after its restart
 IN_FLIGHT = 35.0  # s before a kill that a request to the killed replica may have been sent (> client timeout)
+PAUSE = 3.0  # s the standby's replay stays paused at least (an admin write's propagation is timed meanwhile)
+BEFORE = 2.0  # s over which the primary's transactions/s are counted just before the pause
 
 
 @dataclass
 class Fleet:
     """What a fault may act on: the replicas (the list is shared with the drill, and a restarted replica
-    replaces its predecessor in it and in ``traffic.targets``), the traffic, PgBouncer if any, and how to
-    start one replica again (in a thread that outlives it: see ``start_fleet``)."""
+    replaces its predecessor in it and in ``traffic.targets``), the traffic, PgBouncer if any, the standby
+    if any, how to start one replica again (in a thread that outlives it: see ``start_fleet``), and the
+    primary's transaction count of the service's database (``Monitor.xacts``)."""
 
     servers: list[LiveServer]
     traffic: Traffic
     bouncer: PgBouncer | None
     restart: Callable[[int], concurrent.futures.Future[LiveServer]]
     workers: int  # per replica
+    standby: PostgresServer | None = None
+    primary: PostgresServer | None = None
+    xacts: Callable[[], int] | None = None
 
 
 @dataclass
@@ -99,6 +113,54 @@ class PgBouncerRestart:
             f"(port {bouncer.port} again)"
         )
         return record
+
+
+class StandbyReplayPaused:
+    name = "the standby's replay paused and resumed"
+
+    def __init__(self) -> None:
+        self.rate_before = 0.0  # the primary's transactions/s just before the pause
+        self.paused = 0.0  # monotonic: replay paused
+        self.xacts_paused = 0  # the primary's transaction count then
+
+    def inject(self, fleet: Fleet) -> Record:
+        standby, xacts = fleet.standby, fleet.xacts
+        assert standby is not None and xacts is not None, "StandbyReplayPaused needs the standby topology"
+        before = xacts()
+        time.sleep(BEFORE)
+        self.rate_before = (xacts() - before) / BEFORE
+        began = time.monotonic()
+        standby.pause_replay()
+        self.paused, self.xacts_paused = time.monotonic(), xacts()
+        record = Record(self.name, began, began)
+        record.figures["pause"] = (
+            f"in effect {(self.paused - began) * 1000:.0f} ms after pg_wal_replay_pause()"
+        )
+        return record
+
+    def undo(self, fleet: Fleet, record: Record) -> None:
+        """Resume replay (once it has been paused ``PAUSE`` s) and wait until the standby has applied
+        everything the primary had written by then."""
+        standby, primary, xacts = fleet.standby, fleet.primary, fleet.xacts
+        assert standby is not None and primary is not None and xacts is not None
+        time.sleep(max(0.0, self.paused + PAUSE - time.monotonic()))
+        paused_rate = (xacts() - self.xacts_paused) / (time.monotonic() - self.paused)
+        resumed = time.monotonic()
+        standby.resume_replay()
+        try:
+            standby.wait_replayed(primary, timeout=30)
+        except Exception as exc:
+            record.failures.append(f"the standby did not catch up: {type(exc).__name__}: {exc}")
+        caught_up = time.monotonic()
+        record.undone = resumed
+        record.figures["held"] = (
+            f"{resumed - self.paused:.1f} s; the primary's transactions/s: {self.rate_before:.0f} just "
+            f"before, {paused_rate:.0f} while paused (the standby's readers fell back to it)"
+        )
+        record.figures["resume"] = (
+            f"caught up (replayed all the primary had written) {(caught_up - resumed) * 1000:.0f} ms after "
+            "pg_wal_replay_resume()"
+        )
 
 
 class ReplicaKill:
