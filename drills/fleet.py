@@ -7,14 +7,15 @@ of its own, migrated with ``cluster-engine db upgrade`` and seeded with a small 
 ports, all started at once, with the defaults of the connection budget (``CE_DB_POOL_SIZE`` 1,
 ``CE_DB_POOL_OVERFLOW`` 1, ``CE_DB_LISTEN`` off), polling every 0.25 s:
 
-- direct (full: 25 x 2 = 50 workers; short: 6 x 2): the workers connect to PostgreSQL itself, and the
-  odd-numbered replicas (those of a "far" data center) read from a hot standby of it (``pg_basebackup
-  -R``, streaming; ``CE_DATABASE_READ_URL``) while writing to the primary;
+- direct (full: 25 x 2 = 50 workers; short: 6 x 2): the workers connect to PostgreSQL itself;
 - PgBouncer (full: 25 x 4 = 100 workers; short: 6 x 3): Debian's PgBouncer in transaction pooling with
   ``default_pool_size`` ``BOUNCER_POOL`` (and ``max_db_connections`` the same) in front; the service's URL
-  carries ``pgbouncer=true``.
+  carries ``pgbouncer=true``;
+- standby (full: 10 x 2; short: 4 x 2): directly, with a hot standby of the primary (``pg_basebackup -R``,
+  streaming) that the odd-numbered replicas (those of a "far" data center) read from
+  (``CE_DATABASE_READ_URL``) while they write to the primary.
 
-The two run one after the other in the same drill (one report, one section of docs/reliability.md, one
+The three run one after the other in the same drill (one report, one section of docs/reliability.md, one
 ``--short`` that CI runs), so that their figures come from the same machine, minutes apart.
 
 With writes at about 10/s (Customized creates and deletes by ``images:write`` tokens of the seeded orgs,
@@ -31,13 +32,12 @@ Public ones by an ``images:admin`` token, over every replica in service) and ste
    (and, reported too, to its answer). The promise checked is the freshness bound's: no request sent
    more than 1 s after the 201 gets an answer without the image (on a loaded machine an answer may
    arrive later than that; it must still list the image);
-3. the topology's faults (drills/fleet_faults.py), one after another: directly, the standby's replay
-   paused (an admin write's propagation is timed while it holds: the standby's readers must serve it from
-   the primary within the bound) and resumed, then one replica SIGKILLed (its whole process group) and
-   restarted (the short form skips the kill: the PgBouncer topology has it too); through PgBouncer,
-   PgBouncer restarted, then one replica killed and restarted. After each, once the steady reads have
-   answered 2xx for a second, another admin write's propagation is timed (the restarted replica
-   included);
+3. the topology's faults (drills/fleet_faults.py), one after another: directly, one replica SIGKILLed (its
+   whole process group) and restarted (the short form skips it: the PgBouncer topology has it too);
+   through PgBouncer, PgBouncer restarted, then one replica killed and restarted; with the standby, its
+   replay paused (an admin write's propagation is timed while it holds: the standby's readers must serve
+   it from the primary within the bound) and resumed. After each, once the steady reads have answered
+   2xx for a second, another admin write's propagation is timed (the restarted replica included);
 4. the writes stop; after a settling pause the fleet sits idle for a window in which the steady
    connections, each worker's RSS, PgBouncer's pools, and the transactions the fleet's polling costs the
    primary (``pg_stat_database.xact_commit + xact_rollback`` of the service's database: its delta over the
@@ -112,8 +112,8 @@ from .fleet_traffic import (
 
 NAME = "fleet"
 TITLE = (
-    "Fleet: 25 x 2 workers directly and 25 x 4 through PgBouncer on one stock PostgreSQL "
-    "(max_connections 100), with faults"
+    "Fleet: 25 x 2 workers directly, 25 x 4 through PgBouncer and 10 x 2 with a hot standby on one stock "
+    "PostgreSQL (max_connections 100), with faults"
 )
 
 MAX_CONNECTIONS = 100  # PostgreSQL's stock value
@@ -157,24 +157,28 @@ def topologies(short: bool) -> list[Topology]:
     faults: tuple[Callable[[], Fault], ...] = (PgBouncerRestart, ReplicaKill)
     if short:
         return [
+            Topology("direct", Shape(6, 2, 32, 120.0, 2.0, 4.0, 100), via_pgbouncer=False),
+            Topology("PgBouncer", Shape(6, 3, 32, 120.0, 2.0, 4.0, 100), via_pgbouncer=True, faults=faults),
             Topology(
-                "direct",
-                Shape(6, 2, 32, 120.0, 2.0, 4.0, 100),
+                "standby",
+                Shape(4, 2, 32, 120.0, 2.0, 4.0, 100),
                 via_pgbouncer=False,
                 faults=(StandbyReplayPaused,),
                 standby=True,
             ),
-            Topology("PgBouncer", Shape(6, 3, 32, 120.0, 2.0, 4.0, 100), via_pgbouncer=True, faults=faults),
         ]
     return [
         Topology(
-            "direct",
-            Shape(25, 2, 64, 300.0, 3.0, 20.0, 200),
-            via_pgbouncer=False,
-            faults=(StandbyReplayPaused, ReplicaKill),
-            standby=True,
+            "direct", Shape(25, 2, 64, 300.0, 3.0, 20.0, 200), via_pgbouncer=False, faults=(ReplicaKill,)
         ),
         Topology("PgBouncer", Shape(25, 4, 64, 300.0, 3.0, 20.0, 200), via_pgbouncer=True, faults=faults),
+        Topology(
+            "standby",
+            Shape(10, 2, 64, 300.0, 3.0, 20.0, 200),
+            via_pgbouncer=False,
+            faults=(StandbyReplayPaused,),
+            standby=True,
+        ),
     ]
 
 
@@ -513,6 +517,7 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
             time.sleep(max(0.0, shape.idle - (time.monotonic() - idle_began)))
             xacts["idle end"] = monitor.xacts()
             xacts["standby idle end"] = _standby_xacts(standby, database)
+            standby_backends = _standby_backends(standby, database)
             idle_seconds = time.monotonic() - idle_began
             mark("idle end")
         # ---------------------------------------------------------------------- figures
@@ -609,7 +614,8 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
                 f"{busy:.0f} transactions/s ({busy / readers:.2f} per worker of the {readers} that read "
                 f"from it) from the bursts to the idle window (changes and org loads), {quiet:.0f}/s idle: "
                 "each poll first asks the primary for its revision (one indexed row, counted above) and "
-                "reads the standby only when there is something new"
+                "reads the standby only when there is something new; the standby's client backends on "
+                f"the service's database at the end of the idle window: {standby_backends}"
             )
 
         # ---------------------------------------------------------------------- checks
@@ -752,6 +758,16 @@ def _standby_xacts(standby: PostgresServer | None, database: str) -> int:
         return 0
     rows = standby.query(
         f"SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{database}'"
+    )
+    return int(str(rows[0][0])) if rows else 0
+
+
+def _standby_backends(standby: PostgresServer | None, database: str) -> int:
+    if standby is None:
+        return 0
+    rows = standby.query(
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+        f"AND datname = '{database}'"
     )
     return int(str(rows[0][0])) if rows else 0
 
