@@ -30,9 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cluster_engine.pgbouncer import PgBouncer
-from cluster_engine.pids import pid_alive
+from cluster_engine.server.pids import pid_alive
 from cluster_engine.testing import LiveServer
+from cluster_engine.testing.pgbouncer import PgBouncer
 
 from .common import worker_pids
 from .fleet_traffic import Answer, Traffic
