@@ -63,8 +63,8 @@ def write_catalog(path: Path, orgs: int, per_org: int) -> list[str]:
 
 
 async def one_round(url: str, orgs: list[str]) -> dict[str, float]:
-    from cluster_engine.catalog import Catalog
-    from cluster_engine.store import Store
+    from cluster_engine.server.catalog import Catalog
+    from cluster_engine.storage.store import Store
 
     figures: dict[str, float] = {}
     store = Store.open(url)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     orgs = write_catalog(catalog_file, opts.orgs, opts.per_org)
     server = None
     if opts.store == "postgresql":
-        from cluster_engine.pgserver import PostgresServer
+        from cluster_engine.testing.pgserver import PostgresServer
 
         server = PostgresServer.start()
         url = server.create_database()

@@ -32,7 +32,7 @@ CORS_ORIGIN = "http://localhost:5173"
 def prepare(cors: bool) -> tuple[Any, str, Any]:
     """A migrated SQLite catalog of the benchmark's N=1000 images; its settings, secret and description."""
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="ce-micro-metrics-"))
-    from cluster_engine.config import load_settings
+    from cluster_engine.server.config import load_settings
 
     sys.path.insert(0, str(HERE))
     import run as bench
@@ -56,8 +56,8 @@ async def measure(settings: Any, secret: str, info: Any, requests: int, rounds: 
     origin = [(b"origin", CORS_ORIGIN.encode())] if settings.cors_origins else []
     import run as bench
 
-    from cluster_engine.app import create_app
-    from cluster_engine.auth import mint_token
+    from cluster_engine.server.app import create_app
+    from cluster_engine.server.auth import mint_token
 
     sys.stderr = io.StringIO()  # the access log goes to a string, as it would go to a pipe
     app = create_app(settings)

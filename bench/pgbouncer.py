@@ -32,10 +32,10 @@ from typing import Any
 import msgspec
 from sqlalchemy import event
 
-from cluster_engine.pgbouncer import PgBouncer, version
-from cluster_engine.pgserver import PostgresServer
 from cluster_engine.schemas import ImageCreateReq, ImageType
-from cluster_engine.store import Actor, Store
+from cluster_engine.storage.store import Actor, Store
+from cluster_engine.testing.pgbouncer import PgBouncer, version
+from cluster_engine.testing.pgserver import PostgresServer
 
 ORGS, PER_ORG, PUBLIC = 20, 30, 300
 
@@ -119,7 +119,7 @@ async def measure(url: str, bouncer: PgBouncer, n: int, rounds: int) -> dict[str
 
 
 def main(n: int, rounds: int) -> None:
-    from cluster_engine import db
+    from cluster_engine.storage import db
 
     with PostgresServer.start() as postgres, PgBouncer.start(postgres.port) as bouncer:
         url = postgres.create_database()

@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from cluster_engine.pids import descendants
+from cluster_engine.server.pids import descendants
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -393,7 +393,7 @@ class Store:
 
     def __enter__(self) -> Store:
         if self.kind == "postgresql":
-            from cluster_engine.pgserver import PostgresServer
+            from cluster_engine.testing.pgserver import PostgresServer
 
             log("starting a throwaway PostgreSQL server")
             self.pg = PostgresServer.start()

@@ -24,10 +24,10 @@ import httpx
 import msgspec
 import sqlalchemy as sa
 
-from cluster_engine.auth import mint_token
-from cluster_engine.db import audit_log, images
-from cluster_engine.pids import descendants
-from cluster_engine.store import Store, image_from_row, image_of_body
+from cluster_engine.server.auth import mint_token
+from cluster_engine.server.pids import descendants
+from cluster_engine.storage.db import audit_log, images
+from cluster_engine.storage.store import Store, image_from_row, image_of_body
 from cluster_engine.testing import LiveServer
 
 IDCS = ("us-west-1", "us-east-1", "eu-central-1", "ap-southeast-1")

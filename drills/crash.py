@@ -41,10 +41,10 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from cluster_engine.auth import mint_token
-from cluster_engine.db import audit_log, catalog_state, deleted_images, images
-from cluster_engine.pgserver import PostgresServer
+from cluster_engine.server.auth import mint_token
+from cluster_engine.storage.db import audit_log, catalog_state, deleted_images, images
 from cluster_engine.testing import LiveServer
+from cluster_engine.testing.pgserver import PostgresServer
 
 from .common import Load, Outcome, Report, body_matches_columns, org, seed_catalog, verify_ledger, worker_pids
 

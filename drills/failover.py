@@ -37,9 +37,9 @@ import httpx
 import psycopg
 import yaml
 
-from cluster_engine.pgserver import find_bindir
-from cluster_engine.pids import descendants
+from cluster_engine.server.pids import descendants
 from cluster_engine.testing import LiveServer, free_port
+from cluster_engine.testing.pgserver import find_bindir
 
 from .common import (
     Load,

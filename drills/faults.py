@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster_engine.pgserver import PostgresServer
-from cluster_engine.pids import children
+from cluster_engine.server.pids import children
+from cluster_engine.testing.pgserver import PostgresServer
 
 from .common import Load, Outcome, Report, check_answers, recovery_after, summarize, verify_ledger
 from .pgservice import WORKERS, load_started, measure_capacity, merge_ledgers, pg_service

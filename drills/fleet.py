@@ -79,13 +79,13 @@ import httpx
 import psycopg
 from sqlalchemy.engine import make_url
 
-from cluster_engine import db
-from cluster_engine.config import Settings, load_settings
-from cluster_engine.pgbouncer import PgBouncer
-from cluster_engine.pgbouncer import version as pgbouncer_version
-from cluster_engine.pgserver import PostgresServer
-from cluster_engine.pids import pid_alive
+from cluster_engine.server.config import Settings, load_settings
+from cluster_engine.server.pids import pid_alive
+from cluster_engine.storage import db
 from cluster_engine.testing import LiveServer
+from cluster_engine.testing.pgbouncer import PgBouncer
+from cluster_engine.testing.pgbouncer import version as pgbouncer_version
+from cluster_engine.testing.pgserver import PostgresServer
 
 from .common import Ledger, Report, median, org, percentile, rss_mib, seed_catalog, verify_ledger, worker_pids
 from .fleet_faults import (

@@ -37,10 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cluster_engine.pgbouncer import PgBouncer
-from cluster_engine.pgserver import PostgresServer
-from cluster_engine.pids import pid_alive
+from cluster_engine.server.pids import pid_alive
 from cluster_engine.testing import LiveServer
+from cluster_engine.testing.pgbouncer import PgBouncer
+from cluster_engine.testing.pgserver import PostgresServer
 
 from .common import worker_pids
 from .fleet_traffic import Answer, Traffic

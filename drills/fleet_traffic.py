@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from cluster_engine.auth import SCOPE_ADMIN, mint_token
+from cluster_engine.server.auth import SCOPE_ADMIN, mint_token
 
 from .common import DRILL_PREFIX, IDCS, SCOPE_WRITE, Ledger, create_body, org
 

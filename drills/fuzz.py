@@ -46,7 +46,7 @@ from typing import Any
 
 import httpx
 
-from cluster_engine import validation
+from cluster_engine.server import validation
 from cluster_engine.testing import LiveServer
 
 from .common import Report
@@ -127,7 +127,7 @@ def _schemathesis_child(argv: list[str]) -> int:
     from schemathesis.cli import schemathesis as cli
     from schemathesis.specs.openapi.checks import ensure_resource_availability, positive_data_acceptance
 
-    from cluster_engine.cli import demo_catalog
+    from cluster_engine.cli.main import demo_catalog
 
     token_org = os.environ["CE_FUZZ_TOKEN_ORG"]
     known_ids = [entry["id"] for entry in demo_catalog()]
@@ -270,7 +270,7 @@ class _Invocation:
 
 
 def _st_run(workdir: Path, name: str, url: str, token: str, args: list[str], timeout: float) -> _Invocation:
-    from cluster_engine.cli import DEMO_ORG
+    from cluster_engine.cli.main import DEMO_ORG
 
     ndjson, summary, log_path = (workdir / f"{name}.{ext}" for ext in ("ndjson", "json", "log"))
     command = [
@@ -317,7 +317,7 @@ def _read_ndjson_empty() -> dict[str, Any]:
 
 
 def run_schemathesis(workdir: Path, plan: Plan, report: Report) -> None:
-    from cluster_engine.cli import DEMO_ORG
+    from cluster_engine.cli.main import DEMO_ORG
 
     seed = random.randrange(2**31)
     report.figures["schemathesis seed"] = seed

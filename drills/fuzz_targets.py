@@ -38,11 +38,11 @@ import atheris  # type: ignore[import-untyped]
 with atheris.instrument_imports(include=["cluster_engine", "jwt"]):
     import jwt
 
-    from cluster_engine import hotpath, images, validation
-    from cluster_engine.auth import Verifier
-    from cluster_engine.config import load_settings
-    from cluster_engine.errors import ApiError, RequestInvalid
     from cluster_engine.schemas import json_encoder
+    from cluster_engine.server import hotpath, images, validation
+    from cluster_engine.server.auth import Verifier
+    from cluster_engine.server.config import load_settings
+    from cluster_engine.server.errors import ApiError, RequestInvalid
 
 from .common import create_body as drill_body  # after the instrumented imports: it imports them too
 

@@ -41,8 +41,8 @@ from typing import Any
 
 import httpx
 
-from cluster_engine.cli import DEMO_ORG
-from cluster_engine.connguard import MIN_IDLE
+from cluster_engine.cli.main import DEMO_ORG
+from cluster_engine.server.connguard import MIN_IDLE
 from cluster_engine.testing import LiveServer
 
 from .common import Report, percentile

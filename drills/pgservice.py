@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster_engine.pgserver import PostgresServer
 from cluster_engine.testing import LiveServer
+from cluster_engine.testing.pgserver import PostgresServer
 
 from .common import Ledger, Load, open_fds, rss_mib, seed_catalog, worker_pids
 

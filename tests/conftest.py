@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
-from cluster_engine.cli import DEMO_ORG, demo_catalog
-from cluster_engine.pgbouncer import PgBouncer, PgBouncerUnavailable
-from cluster_engine.pgserver import PostgresServer, PostgresUnavailable, create_database
+from cluster_engine.cli.main import DEMO_ORG, demo_catalog
 from cluster_engine.testing import LiveServer
+from cluster_engine.testing.pgbouncer import PgBouncer, PgBouncerUnavailable
+from cluster_engine.testing.pgserver import PostgresServer, PostgresUnavailable, create_database
 
 OTHER_ORG = uuid.UUID("5d6c8a0e-9b1f-4e2a-8c3d-7f6e5d4c3b2a")
 STORES = ["sqlite", "postgresql"]

@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster_engine import openapi
-from cluster_engine.config import ConfigError, load_settings
-from cluster_engine.prefix import Prefixes, normalize_root_path
+from cluster_engine.server import openapi
+from cluster_engine.server.config import ConfigError, load_settings
+from cluster_engine.server.prefix import Prefixes, normalize_root_path
 from cluster_engine.testing import LiveServer
 
 from .conftest import OTHER_ORG
@@ -227,7 +227,7 @@ def test_prefixes_strip_the_prefix_and_put_it_back_in_front_of_links(
 
 
 def test_prefixes_leave_absolute_links_alone() -> None:
-    from cluster_engine.prefix import _prefixed
+    from cluster_engine.server.prefix import _prefixed
 
     assert _prefixed(b"http://h/v1/images/x", b"/api") == b"http://h/v1/images/x"
     assert _prefixed(b'</a>; rel="next", <https://h/b>; rel="x"', b"/api") == (

@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x25519
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
 
-from cluster_engine.auth import MAX_TOKEN_LENGTH, Verifier
-from cluster_engine.config import ConfigError, load_settings
-from cluster_engine.errors import Unauthenticated
+from cluster_engine.server.auth import MAX_TOKEN_LENGTH, Verifier
+from cluster_engine.server.config import ConfigError, load_settings
+from cluster_engine.server.errors import Unauthenticated
 from cluster_engine.testing import LiveServer, free_port
 
 INVALID = {"code": 0, "group": "auth_verify", "message": "Invalid access token."}

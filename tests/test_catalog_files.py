@@ -1,5 +1,5 @@
-"""``cluster_engine.catalog_files``: the import's planner (no database), reading catalog files as streams,
-export byte for byte as before, the fast path of catalog validation; and the commands on each store.
+"""``cluster_engine.storage.catalog_files``: the import's planner (no database), reading catalog files as
+streams, export byte for byte as before, the fast path of catalog validation; and the commands on each store.
 
 The end-to-end behaviour against a live server is in tests/test_catalog_import.py.
 """
@@ -24,8 +24,17 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster_engine import catalog_files, db
-from cluster_engine.catalog_files import (
+from cluster_engine.cli.main import main
+from cluster_engine.schemas import ImageBootMode, ImageResp, ImageType, Partition, json_encoder
+from cluster_engine.server.errors import Conflict, RequestInvalid
+from cluster_engine.server.validation import (
+    CatalogEntry,
+    _checked_catalog_entry,
+    _fast_catalog_entry,
+    read_catalog_entries,
+)
+from cluster_engine.storage import catalog_files, db
+from cluster_engine.storage.catalog_files import (
     CatalogFileError,
     CatalogSource,
     ExistingIndex,
@@ -34,16 +43,7 @@ from cluster_engine.catalog_files import (
     Write,
     body_digest,
 )
-from cluster_engine.cli import main
-from cluster_engine.errors import Conflict, RequestInvalid
-from cluster_engine.schemas import ImageBootMode, ImageResp, ImageType, Partition, json_encoder
-from cluster_engine.store import Ids, ImportReport, Store, image_of_body, make_image
-from cluster_engine.validation import (
-    CatalogEntry,
-    _checked_catalog_entry,
-    _fast_catalog_entry,
-    read_catalog_entries,
-)
+from cluster_engine.storage.store import Ids, ImportReport, Store, image_of_body, make_image
 
 from .conftest import STORES, Databases
 

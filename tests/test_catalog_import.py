@@ -20,8 +20,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cluster_engine.cli import main
-from cluster_engine.store import Store
+from cluster_engine.cli.main import main
+from cluster_engine.storage.store import Store
 from cluster_engine.testing import LiveServer
 
 ORG_A = uuid.UUID("0b7e2f52-4c1a-4d52-9a57-2f1c3c2d9e01")

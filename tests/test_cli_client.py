@@ -25,8 +25,8 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from cluster_engine import client_cli
-from cluster_engine.cli import main
+from cluster_engine.cli import images as client_cli
+from cluster_engine.cli.main import main
 from cluster_engine.client import _sync
 from cluster_engine.testing import LiveServer, free_port
 

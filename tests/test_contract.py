@@ -29,7 +29,7 @@ from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
-from cluster_engine.cli import demo_catalog
+from cluster_engine.cli.main import demo_catalog
 from cluster_engine.testing import LiveServer
 
 CONTRACT_PATH = (

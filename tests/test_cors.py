@@ -20,10 +20,10 @@ import httpx
 import pytest
 from starlette.middleware.cors import CORSMiddleware
 
-from cluster_engine.config import ConfigError, load_settings
-from cluster_engine.cors import ALLOW_HEADERS, EXPOSE_HEADERS, METHODS, with_cors
-from cluster_engine.pgserver import PostgresServer, PostgresUnavailable
+from cluster_engine.server.config import ConfigError, load_settings
+from cluster_engine.server.cors import ALLOW_HEADERS, EXPOSE_HEADERS, METHODS, with_cors
 from cluster_engine.testing import LiveServer, free_port
+from cluster_engine.testing.pgserver import PostgresServer, PostgresUnavailable
 
 from .conftest import chromium
 

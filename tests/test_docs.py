@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster_engine import config_docs
-from cluster_engine.config import SETTINGS
+from cluster_engine.cli import config_docs
+from cluster_engine.server.config import SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_configuration_page_is_current() -> None:
     page = (ROOT / "docs" / "configuration.md").read_text()
     assert page == config_docs.render(), (
-        "docs/configuration.md is stale: run `python -m cluster_engine.config_docs > docs/configuration.md`"
+        "docs/configuration.md is stale: run"
+        " `python -m cluster_engine.cli.config_docs > docs/configuration.md`"
     )
 
 

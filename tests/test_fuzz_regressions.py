@@ -30,9 +30,9 @@ import pytest
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
-from cluster_engine import images, openapi, validation
-from cluster_engine.cli import DEMO_ORG, demo_catalog
-from cluster_engine.errors import RequestInvalid
+from cluster_engine.cli.main import DEMO_ORG, demo_catalog
+from cluster_engine.server import images, openapi, validation
+from cluster_engine.server.errors import RequestInvalid
 from cluster_engine.testing import LiveServer
 
 NOT_UTF8 = b'{"name": "\xff"}'  # the fuzzer's was a create body with \xff bytes in "path"

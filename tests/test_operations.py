@@ -16,11 +16,11 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster_engine import observability
-from cluster_engine.observability import AccessLog, Metrics
-from cluster_engine.pgserver import PostgresServer
-from cluster_engine.pids import children
+from cluster_engine.server import observability
+from cluster_engine.server.observability import AccessLog, Metrics
+from cluster_engine.server.pids import children
 from cluster_engine.testing import LiveServer
+from cluster_engine.testing.pgserver import PostgresServer
 
 from .conftest import chromium
 

@@ -28,13 +28,13 @@ import sqlalchemy as sa
 import yaml
 from sqlalchemy.engine import make_url
 
-from cluster_engine import db
-from cluster_engine.config import ConfigError, load_settings
-from cluster_engine.pgbouncer import PgBouncer, PgBouncerUnavailable
-from cluster_engine.pgserver import PostgresServer, PostgresUnavailable, create_database
 from cluster_engine.schemas import ImageCreateReq, ImageType
-from cluster_engine.store import Actor, Store
+from cluster_engine.server.config import ConfigError, load_settings
+from cluster_engine.storage import db
+from cluster_engine.storage.store import Actor, Store
 from cluster_engine.testing import LiveServer, free_port
+from cluster_engine.testing.pgbouncer import PgBouncer, PgBouncerUnavailable
+from cluster_engine.testing.pgserver import PostgresServer, PostgresUnavailable, create_database
 
 from .conftest import IN_CI
 

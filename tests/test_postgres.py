@@ -23,11 +23,11 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from cluster_engine import db
-from cluster_engine.pgserver import PostgresServer
-from cluster_engine.store import Store
+from cluster_engine.server.validation import read_catalog_entries
+from cluster_engine.storage import db
+from cluster_engine.storage.store import Store
 from cluster_engine.testing import LiveServer, free_port
-from cluster_engine.validation import read_catalog_entries
+from cluster_engine.testing.pgserver import PostgresServer
 
 from .conftest import STORES, VIA_PGBOUNCER, Databases
 
@@ -442,8 +442,8 @@ def test_a_write_to_a_frozen_database_is_a_503_at_the_deadline(
     """SIGSTOP of every PostgreSQL process (a frozen host: TCP still up, nothing answers, and the
     server-side statement_timeout cannot fire): a write answers 503 by WRITE_DEADLINE instead of hanging
     for as long as the freeze lasts, and a list answers 503 within the refresh deadline."""
-    from cluster_engine.images import WRITE_DEADLINE
-    from cluster_engine.pids import descendants
+    from cluster_engine.server.images import WRITE_DEADLINE
+    from cluster_engine.server.pids import descendants
 
     url = private_postgres.create_database()
     with LiveServer.start(tmp_path, database_url=url, args=["--migrate", "--demo"]) as server:

@@ -27,13 +27,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cluster_engine.auth import Principal
-from cluster_engine.catalog import Catalog, Rendered
-from cluster_engine.errors import Unavailable
 from cluster_engine.schemas import ImageBootMode, ImageResp, ImageType, Partition, json_encoder
-from cluster_engine.store import Changes, Namespace, Stored
+from cluster_engine.server.auth import Principal
+from cluster_engine.server.catalog import Catalog, Rendered
+from cluster_engine.server.errors import Unavailable
+from cluster_engine.server.visibility import can_see_namespace
+from cluster_engine.storage.store import Changes, Namespace, Stored
 from cluster_engine.testing import LiveServer
-from cluster_engine.visibility import can_see_namespace
 
 ORGS = [
     uuid.UUID("11111111-1111-4111-8111-111111111111"),

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster_engine.config import ConfigError, load_settings
-from cluster_engine.ratelimit import Buckets, Rate
+from cluster_engine.server.config import ConfigError, load_settings
+from cluster_engine.server.ratelimit import Buckets, Rate
 from cluster_engine.testing import LiveServer
 
 ORG_A, ORG_B = "org-a", "org-b"

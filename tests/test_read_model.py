@@ -17,12 +17,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from cluster_engine import catalog as read_model
-from cluster_engine import db
-from cluster_engine.catalog import Catalog
 from cluster_engine.schemas import ImageCreateReq, ImageResp, ImageType
-from cluster_engine.store import Actor, Namespace, Store
-from cluster_engine.validation import ListQuery, read_catalog_entries
+from cluster_engine.server import catalog as read_model
+from cluster_engine.server.catalog import Catalog
+from cluster_engine.server.validation import ListQuery, read_catalog_entries
+from cluster_engine.storage import db
+from cluster_engine.storage.store import Actor, Namespace, Store
 
 from .conftest import STORES, Databases
 from .test_properties import BASE, FakeStore, version

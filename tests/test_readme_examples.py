@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_engine.cli import DEMO_ORG
+from cluster_engine.cli.main import DEMO_ORG
 from cluster_engine.testing import LiveServer
 
 README = Path(__file__).parent.parent / "README.md"

@@ -20,7 +20,7 @@ Deliberate adjustments, all about what the documents say rather than about the s
 * ``cursor`` is opaque ("taken from a previous page's Link header"): a 400 about a cursor the server never
   issued is accepted for a schema-valid query.
 
-The served document is loaded from ``cluster_engine.openapi.document()`` at import time (schemathesis
+The served document is loaded from ``cluster_engine.server.openapi.document()`` at import time (schemathesis
 needs the schema at collection time; its fixture-based loader is broken on pytest 9, which no longer has
 ``Node._nodeid``); ``test_served_document_is_what_we_fuzz`` proves it is the document served over HTTP.
 """
@@ -49,8 +49,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from cluster_engine import openapi
-from cluster_engine.cli import DEMO_ORG, demo_catalog
+from cluster_engine.cli.main import DEMO_ORG, demo_catalog
+from cluster_engine.server import openapi
 from cluster_engine.testing import LiveServer
 
 from .conftest import STORES, Databases, start_server

@@ -15,8 +15,8 @@ import hypothesis
 import schemathesis
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from cluster_engine import openapi
-from cluster_engine.cli import DEMO_ORG
+from cluster_engine.cli.main import DEMO_ORG
+from cluster_engine.server import openapi
 from cluster_engine.testing import LiveServer
 
 from .test_schemathesis import forged_cursor_rejected

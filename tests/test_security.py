@@ -59,9 +59,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm, get_default_algorithms
 
-from cluster_engine.auth import MAX_TOKEN_LENGTH, Verifier, mint_token
-from cluster_engine.cli import DEMO_ORG
-from cluster_engine.config import ConfigError, load_settings
+from cluster_engine.cli.main import DEMO_ORG
+from cluster_engine.server.auth import MAX_TOKEN_LENGTH, Verifier, mint_token
+from cluster_engine.server.config import ConfigError, load_settings
 from cluster_engine.testing import LiveServer, free_port
 
 from .conftest import OTHER_ORG, STORES, Databases, start_server

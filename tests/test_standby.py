@@ -26,14 +26,14 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster_engine import db
-from cluster_engine.config import ConfigError, load_settings
-from cluster_engine.pgbouncer import PgBouncer, PgBouncerUnavailable
-from cluster_engine.pgserver import PostgresServer, PostgresUnavailable
-from cluster_engine.standby import Standby
-from cluster_engine.store import Actor, Store
+from cluster_engine.server.config import ConfigError, load_settings
+from cluster_engine.server.validation import read_create_request
+from cluster_engine.storage import db
+from cluster_engine.storage.standby import Standby
+from cluster_engine.storage.store import Actor, Store
 from cluster_engine.testing import LiveServer
-from cluster_engine.validation import read_create_request
+from cluster_engine.testing.pgbouncer import PgBouncer, PgBouncerUnavailable
+from cluster_engine.testing.pgserver import PostgresServer, PostgresUnavailable
 
 from .conftest import IN_CI
 from .test_postgres import image_entry

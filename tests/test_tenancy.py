@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
-from cluster_engine.auth import mint_token
+from cluster_engine.server.auth import mint_token
 from cluster_engine.testing import LiveServer
 
 from .conftest import STORES, Databases, start_server

@@ -1,4 +1,5 @@
-"""Unit tests of ``cluster_engine.validation``: query parameters, path ids, image bodies and catalog files."""
+"""Unit tests of ``cluster_engine.server.validation``: query parameters, path ids, image bodies and catalog
+files."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster_engine.errors import RequestInvalid
 from cluster_engine.schemas import ImageBootMode, ImageCreateReq, ImageType, Partition, ValidationDetail
-from cluster_engine.validation import (
+from cluster_engine.server.errors import RequestInvalid
+from cluster_engine.server.validation import (
     ListQuery,
     image_id,
     list_query,

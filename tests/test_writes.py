@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from cluster_engine.auth import mint_token
+from cluster_engine.server.auth import mint_token
 from cluster_engine.testing import LiveServer
 
 WRITE = "images:write"

@@ -1,3 +1,3 @@
-from cluster_engine.cli import main
+from cluster_engine.cli.main import main
 
 main()

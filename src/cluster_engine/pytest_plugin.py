@@ -41,7 +41,7 @@ import pytest
 
 if TYPE_CHECKING:
     from .client import Client, ImageResp
-    from .store import Store
+    from .storage.store import Store
     from .testing import ExistingServer, LiveServer
 
     Server = LiveServer | ExistingServer
@@ -129,9 +129,9 @@ class Catalog:
         in the order of the entries. A catalog the import rejects raises ValueError, saying why."""
         import yaml
 
-        from .errors import ApiError, RequestInvalid
-        from .store import Actor
-        from .validation import read_catalog_entries
+        from .server.errors import ApiError, RequestInvalid
+        from .server.validation import read_catalog_entries
+        from .storage.store import Actor
 
         if isinstance(source, str | Path):
             entries = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
@@ -177,7 +177,7 @@ class Catalog:
     def _in_store(self, work: Callable[[Store], Coroutine[Any, Any, T]]) -> T:
         """Run ``work`` on the server's database, on an event loop and in a thread of its own (the caller
         may be inside an event loop, as async tests are)."""
-        from .store import Store
+        from .storage.store import Store
         from .testing import run_sync
 
         database_url = self.server.database_url

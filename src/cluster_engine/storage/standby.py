@@ -34,8 +34,8 @@ from typing import TypeVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ..server.deadline import within
 from .db import catalog_state, create_engine, uses_pgbouncer
-from .deadline import within
 
 log = logging.getLogger(__name__)
 

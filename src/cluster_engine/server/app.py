@@ -28,7 +28,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
-from . import db, docs_page, images, openapi
+from ..schemas import json_encoder
+from ..storage import db
+from ..storage.standby import Standby
+from ..storage.store import Store
+from . import docs_page, images, openapi
 from .auth import Verifier
 from .bodydeadline import BodyDeadline
 from .catalog import Catalog
@@ -40,9 +44,6 @@ from .keepalive import KeepAliveGuard
 from .observability import AccessLog, Metrics, Observability, Observer
 from .prefix import Rejoin
 from .ratelimit import Buckets, Rate, RateLimit
-from .schemas import json_encoder
-from .standby import Standby
-from .store import Store
 
 log = logging.getLogger(__name__)
 JSON = "application/json"

@@ -1,6 +1,6 @@
 """Generate docs/configuration.md from the code itself: every CE_* setting and every CLI flag.
 
-    python -m cluster_engine.config_docs > docs/configuration.md
+    python -m cluster_engine.cli.config_docs > docs/configuration.md
 
 A test regenerates it and compares, so the page cannot drift from the code.
 """
@@ -11,8 +11,8 @@ import dataclasses
 
 import click
 
-from .cli import main
-from .config import SETTINGS, Settings
+from ..server.config import SETTINGS, Settings
+from .main import main
 
 COMPUTED_DEFAULTS = {
     "data_dir": "the user data dir (e.g. `~/.local/share/cluster-engine`)",
@@ -62,7 +62,7 @@ def render() -> str:
     lines = [
         "# Configuration",
         "",
-        "Generated from the code by `python -m cluster_engine.config_docs`; a test keeps it current.",
+        "Generated from the code by `python -m cluster_engine.cli.config_docs`; a test keeps it current.",
         "",
         "## Settings (environment)",
         "",

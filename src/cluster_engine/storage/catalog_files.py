@@ -38,11 +38,9 @@ import msgspec
 import sqlalchemy as sa
 import yaml
 
-from .db import audit_log, images
-from .errors import Conflict, RequestInvalid
-from .schemas import ImageType, ValidationDetail, json_encoder
-from .store import make_image
-from .validation import (
+from ..schemas import ImageType, ValidationDetail, json_encoder
+from ..server.errors import Conflict, RequestInvalid
+from ..server.validation import (
     CatalogEntry,
     CatalogFields,
     detail,
@@ -50,6 +48,8 @@ from .validation import (
     not_a_catalog,
     read_catalog_entry,
 )
+from .db import audit_log, images
+from .store import make_image
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection

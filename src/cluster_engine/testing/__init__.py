@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import httpx
 import yaml
 
-from .auth import mint_token
+from ..server.auth import mint_token
 
 T = TypeVar("T")
 
@@ -197,7 +197,7 @@ def run_sync(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 def wait_synced(url: str, database_url: str, timeout: float = 5.0) -> int:
     """Wait until the server at ``url`` serves the current revision of ``database_url``; return it."""
-    from .store import Store
+    from ..storage.store import Store
 
     async def current() -> int:
         store = Store.open(database_url)

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pids import descendants
+from ..server.pids import descendants
 
 
 class PostgresUnavailable(RuntimeError):

@@ -21,7 +21,7 @@ import msgspec
 import yaml
 from click.shell_completion import CompletionItem
 
-from .client import (
+from ..client import (
     AuthError,
     Client,
     ClusterEngineError,

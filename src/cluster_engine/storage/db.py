@@ -329,7 +329,7 @@ def alembic_config(url: str) -> Any:
     from alembic.config import Config
 
     config = Config()
-    config.set_main_option("script_location", str(resources.files("cluster_engine") / "migrations"))
+    config.set_main_option("script_location", str(resources.files("cluster_engine.storage") / "migrations"))
     config.attributes["database_url"] = url
     return config
 

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 import yaml
 
-from .config import ConfigError, Settings, load_settings
+from ..server.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..storage.store import Store
 
 # The server stack (SQLAlchemy, JWT, the store) is imported inside the commands that use it, so that
 # client commands such as `cluster-engine images list` start quickly.
@@ -42,7 +42,7 @@ def _with_store(
     settings: Settings, work: Callable[[Store], Awaitable[T]], *, statement_timeout: float | None = 5.0
 ) -> T:
     """Run ``work`` against a store opened for this one command, and close it."""
-    from .store import Store
+    from ..storage.store import Store
 
     async def run() -> T:
         store = Store.open(settings.database_url, statement_timeout=statement_timeout)
@@ -74,8 +74,8 @@ def _configure_logging(level: str) -> None:
 
 def worker_app() -> Any:
     """Granian's factory target: each worker process builds its app from the same environment."""
-    from .app import create_app
-    from .connguard import ConnectionGuard
+    from ..server.app import create_app
+    from ..server.connguard import ConnectionGuard
 
     _configure_logging(os.environ.get("CE_LOG_LEVEL", "info"))
     settings = load_settings(os.environ)
@@ -114,8 +114,8 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
     from granian.http import HTTP1Settings
     from granian.log import LogLevels
 
-    from . import db
-    from .auth import Verifier, signing_secret
+    from ..server.auth import Verifier, signing_secret
+    from ..storage import db
 
     settings = _settings()
     _configure_logging(log_level)
@@ -160,7 +160,7 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
     sys.stdout.flush()
     with metrics_dir:
         Granian(
-            "cluster_engine.cli:worker_app",
+            "cluster_engine.cli.main:worker_app",
             factory=True,
             address=host,
             port=port,
@@ -215,7 +215,7 @@ def _remove_stale_metrics_dirs() -> None:
     after the server's pid; one whose pid is alive, ours or not, is left alone)."""
     # not from .observability: importing prometheus_client before PROMETHEUS_MULTIPROC_DIR is set would
     # put the workers (forked from this process) in single-process mode
-    from .pids import pid_alive
+    from ..server.pids import pid_alive
 
     for path in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
         pid = path.name[len(METRICS_DIR_PREFIX) :].split("-", 1)[0]
@@ -232,7 +232,7 @@ def _redact(url: str) -> str:
 
 
 async def _load_demo(store: Store) -> str:
-    from .validation import read_catalog_entries
+    from ..server.validation import read_catalog_entries
 
     if await store.count():
         return "not loaded (the catalog already has images)"
@@ -293,7 +293,7 @@ def token(
     create_secret: bool,
 ) -> None:
     """Mint a bearer token signed with CE_JWT_SECRET (or the generated development secret)."""
-    from .auth import mint_token, signing_secret
+    from ..server.auth import mint_token, signing_secret
 
     settings = _settings()
     lifetime = _duration(ttl)
@@ -336,7 +336,7 @@ def db_group() -> None:
 @click.option("--revision", default="head", show_default=True)
 def upgrade(revision: str) -> None:
     """Apply migrations up to REVISION."""
-    from . import db
+    from ..storage import db
 
     settings = _settings()
     db.upgrade(settings.database_url, revision)
@@ -347,7 +347,7 @@ def upgrade(revision: str) -> None:
 @click.argument("revision")
 def downgrade(revision: str) -> None:
     """Revert migrations down to REVISION (``base`` removes every table)."""
-    from . import db
+    from ..storage import db
 
     settings = _settings()
     db.downgrade(settings.database_url, revision)
@@ -376,8 +376,8 @@ def catalog() -> None:
 )
 def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     """Create or update the images in FILE (YAML or JSON list) in one transaction; idempotent."""
-    from . import catalog_files, db
-    from .errors import ApiError, RequestInvalid
+    from ..server.errors import ApiError, RequestInvalid
+    from ..storage import catalog_files, db
 
     settings = _settings()
     try:
@@ -435,8 +435,8 @@ def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
 )
 def export(output: str, image_type: str) -> None:
     """Write the catalog as a catalog file (ids and createdAt kept, so it re-imports to the same state)."""
-    from . import catalog_files
-    from .schemas import ImageType
+    from ..schemas import ImageType
+    from ..storage import catalog_files
 
     settings = _settings()
     sys.stdout.flush()
@@ -500,6 +500,6 @@ def audit(since: dt.datetime | None, image_id: uuid.UUID | None, limit: int, out
         )
 
 
-from .client_cli import images as _images_group  # noqa: E402
+from .images import images as _images_group  # noqa: E402
 
 main.add_command(_images_group)

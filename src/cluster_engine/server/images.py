@@ -14,14 +14,14 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..schemas import ImageCreateReq, ImageResp, json_encoder
+from ..storage.store import Actor, Store
 from . import catalog, validation, visibility
 from .auth import Principal, Verifier
 from .deadline import within
 from .errors import PayloadTooLarge, RequestInvalid, Unavailable
 from .hotpath import request_headers
 from .observability import ORG_KEY
-from .schemas import ImageCreateReq, ImageResp, json_encoder
-from .store import Actor, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -21,11 +21,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ..schemas import ImageCreateReq, ImageResp, ImageType, Partition, json_encoder
+from ..server.errors import Conflict, NotFound
+from ..server.validation import CatalogEntry
 from .db import audit_log, catalog_state, create_engine, deleted_images, images, uses_pgbouncer
-from .errors import Conflict, NotFound
-from .schemas import ImageCreateReq, ImageResp, ImageType, Partition, json_encoder
 from .standby import Standby, current_revision
-from .validation import CatalogEntry
 
 PUBLIC_NAMESPACE = "public"
 IMAGE_NOT_FOUND = "image not found"

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import uuid
 
+from ..schemas import ImageType
+from ..storage.store import PUBLIC_NAMESPACE
 from .auth import SCOPE_ADMIN, SCOPE_WRITE, Principal
 from .errors import Forbidden, NotFound
-from .schemas import ImageType
-from .store import PUBLIC_NAMESPACE
 
 NOT_FOUND = "image not found"
 

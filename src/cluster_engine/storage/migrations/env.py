@@ -7,7 +7,7 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from cluster_engine.db import create_engine, metadata
+from cluster_engine.storage.db import create_engine, metadata
 
 config = context.config
 

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from ..schemas import ImageBootMode, ImageCreateReq, ImageType, Partition, ValidationDetail
 from .errors import RequestInvalid
-from .schemas import ImageBootMode, ImageCreateReq, ImageType, Partition, ValidationDetail
 
 # The contract's own patterns (components/schemas/idcName, productName, name), anchors dropped for fullmatch.
 IDC_PATTERN = "^[a-zA-Z0-9._-]+$"

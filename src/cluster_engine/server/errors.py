@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .schemas import Error, ErrorStatusMessage, ValidationDetail, json_encoder
+from ..schemas import Error, ErrorStatusMessage, ValidationDetail, json_encoder
 
 INVALID_TOKEN = "Invalid access token."
 EXPIRED_TOKEN = "Expired access token."

@@ -358,7 +358,7 @@ def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:
     if not database_url.startswith(("sqlite:", "postgresql:", "postgres:", "postgresql+")):
         raise ConfigError(f"CE_DATABASE_URL must be sqlite:///PATH or postgresql://…, got {database_url!r}")
     if database_url.startswith("postgres"):
-        from .db import uses_pgbouncer
+        from ..storage.db import uses_pgbouncer
 
         try:
             pgbouncer = uses_pgbouncer(database_url)
@@ -379,7 +379,7 @@ def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:
 def _check_read_url(settings: Settings) -> None:
     from urllib.parse import parse_qsl, urlsplit
 
-    from .db import uses_pgbouncer
+    from ..storage.db import uses_pgbouncer
 
     read_url = settings.database_read_url
     assert read_url is not None

@@ -49,11 +49,11 @@ from urllib.parse import urlencode
 import msgspec
 import xxhash
 
+from ..schemas import ImageType
+from ..storage.store import Changes, Store, Stored
 from .compact import BodyCodec
 from .deadline import within
 from .errors import Unavailable
-from .schemas import ImageType
-from .store import Changes, Store, Stored
 from .validation import ListQuery, encode_cursor
 
 log = logging.getLogger(__name__)
