@@ -257,6 +257,46 @@ def test_the_statement_timeout_holds_in_every_transaction(pgbouncer: PgBouncer, 
     asyncio.run(run())
 
 
+def test_a_poll_through_pgbouncer_is_one_query_and_keeps_the_statement_timeout(
+    pgbouncer: PgBouncer, direct_url: str
+) -> None:
+    """A poll that finds nothing new (and the primary's revision a standby read needs) is one simple query
+    through PgBouncer: BEGIN READ WRITE, SET LOCAL statement_timeout, the SELECT and COMMIT, so it holds a
+    server connection only while the server runs it, not for three round trips and the gaps between them
+    (PgBouncer's own counters: one query per transaction). The timeout still holds in it."""
+    url = pgbouncer.url(direct_url)
+    db.upgrade(url)
+    database = database_of(direct_url)
+
+    def counts() -> tuple[int, int]:
+        row = next(r for r in pgbouncer.admin("SHOW STATS") if r["database"] == database)
+        return int(row["total_xact_count"]), int(row["total_query_count"])
+
+    async def run() -> None:
+        store = Store(db.create_engine(url, statement_timeout=0.5, pool_size=1, max_overflow=0), url)
+        locker = await psycopg.AsyncConnection.connect(direct_url)
+        try:
+            revision = await store.revision()
+            xacts, queries = counts()
+            for _ in range(20):
+                assert (await store.changes_since(revision)).revision == revision
+                assert await store.revision() == revision
+            after = counts()
+            assert (after[0] - xacts, after[1] - queries) == (40, 40)
+            await locker.execute("LOCK TABLE catalog_state IN ACCESS EXCLUSIVE MODE")
+            began = time.monotonic()
+            with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
+                await store.changes_since(revision)
+            assert time.monotonic() - began < 2
+            await locker.rollback()
+            assert (await store.changes_since(revision)).revision == revision  # a new connection
+        finally:
+            await locker.close()
+            await store.close()
+
+    asyncio.run(run())
+
+
 def test_transactions_stay_whole_with_the_driver_in_autocommit(pgbouncer: PgBouncer, direct_url: str) -> None:
     """psycopg runs in autocommit mode through PgBouncer (our BEGIN opens each transaction): SQLAlchemy's
     transactions are still one server transaction each, rolled back on error and on close."""

@@ -24,7 +24,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ..schemas import ImageCreateReq, ImageResp, ImageType, Partition, json_encoder
 from ..server.errors import Conflict, NotFound
 from ..server.validation import CatalogEntry
-from .db import audit_log, catalog_state, create_engine, deleted_images, images, uses_pgbouncer
+from .db import (
+    audit_log,
+    catalog_state,
+    create_engine,
+    deleted_images,
+    images,
+    revision_in_one_trip,
+    uses_pgbouncer,
+)
 from .standby import Standby, current_revision
 
 PUBLIC_NAMESPACE = "public"
@@ -299,6 +307,8 @@ class Store:
     async def revision(self) -> int:
         """The catalog's current revision, on the primary (what a standby read must reach)."""
         async with self.engine.connect() as conn:
+            if self.pgbouncer and (revision := await revision_in_one_trip(conn)) is not None:
+                return revision
             return await current_revision(conn)
 
     _current_revision = staticmethod(current_revision)
@@ -309,6 +319,8 @@ class Store:
         standby = self.standby
         if standby is None:
             async with self.engine.connect() as conn:
+                if self.pgbouncer and await revision_in_one_trip(conn) == since:
+                    return Changes(revision=since, upserted=[], deleted=[])  # a poll's usual answer
                 return await self._changes(await self._polling(conn), since)
         target = await self.revision()
         if target == since:
