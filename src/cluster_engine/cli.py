@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import errno
+import functools
 import importlib.util
 import json
 import logging
@@ -15,7 +15,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -23,6 +23,7 @@ import click
 import yaml
 
 from .config import ConfigError, Settings, load_settings
+from .extras import server_hint
 
 if TYPE_CHECKING:
     from .store import Store
@@ -36,12 +37,34 @@ DEMO_ORG = uuid.UUID("0b7e2f52-4c1a-4d52-9a57-2f1c3c2d9e01")
 
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def needs_server(command: F) -> F:
+    """A command of the server extra: without it, one line naming ``pip install 'cluster-engine[server]'``
+    and exit status 1, instead of an ImportError's traceback."""
+
+    @functools.wraps(command)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        names: list[str] = []
+        ctx = click.get_current_context()
+        while ctx.parent is not None:
+            names.insert(0, ctx.info_name or "")
+            ctx = ctx.parent
+        hint = server_hint(f"`cluster-engine {' '.join(names)}`")
+        if hint is not None:
+            raise click.ClickException(hint)
+        return command(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]
 
 
 def _with_store(
     settings: Settings, work: Callable[[Store], Awaitable[T]], *, statement_timeout: float | None = 5.0
 ) -> T:
     """Run ``work`` against a store opened for this one command, and close it."""
+    import asyncio
+
     from .store import Store
 
     async def run() -> T:
@@ -83,8 +106,27 @@ def worker_app() -> Any:
     return create_app(settings)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(metadata.version("cluster-engine"), prog_name="cluster-engine")
+_LAZY_COMMANDS = {"images": "cluster_engine.client_cli"}  # command name -> module defining it
+
+
+class _Main(click.Group):
+    """The top-level group; ``images`` (the client CLI, which imports httpx) is imported only when used,
+    so that ``--version`` and the server commands do not pay for it."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY_COMMANDS:
+            import importlib
+
+            command: click.Command = getattr(importlib.import_module(_LAZY_COMMANDS[cmd_name]), cmd_name)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cluster-engine", prog_name="cluster-engine")
 def main() -> None:
     """cluster-engine: the Cluster Engine Images API, self-hosted."""
 
@@ -107,6 +149,7 @@ def main() -> None:
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
+@needs_server
 def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, log_level: str) -> None:
     """Run the API server."""
     from granian import Granian
@@ -284,6 +327,7 @@ def _duration(value: str) -> int:
     is_flag=True,
     help="Create the development secret when there is none (as `serve` does on first start).",
 )
+@needs_server
 def token(
     org: uuid.UUID,
     scopes: tuple[str, ...],
@@ -334,6 +378,7 @@ def db_group() -> None:
 
 @db_group.command()
 @click.option("--revision", default="head", show_default=True)
+@needs_server
 def upgrade(revision: str) -> None:
     """Apply migrations up to REVISION."""
     from . import db
@@ -345,6 +390,7 @@ def upgrade(revision: str) -> None:
 
 @db_group.command()
 @click.argument("revision")
+@needs_server
 def downgrade(revision: str) -> None:
     """Revert migrations down to REVISION (``base`` removes every table)."""
     from . import db
@@ -374,6 +420,7 @@ def catalog() -> None:
     show_default=True,
     help="Report format.",
 )
+@needs_server
 def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     """Create or update the images in FILE (YAML or JSON list) in one transaction; idempotent."""
     from . import catalog_files, db
@@ -433,6 +480,7 @@ def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     show_default=True,
     help="Which images to export.",
 )
+@needs_server
 def export(output: str, image_type: str) -> None:
     """Write the catalog as a catalog file (ids and createdAt kept, so it re-imports to the same state)."""
     from . import catalog_files
@@ -479,6 +527,7 @@ def export(output: str, image_type: str) -> None:
     show_default=True,
     help="A line per change, or JSON.",
 )
+@needs_server
 def audit(since: dt.datetime | None, image_id: uuid.UUID | None, limit: int, output: str) -> None:
     """Show the audit trail: every create, update and delete, by whom, of which image, what changed."""
     settings = _settings()
@@ -498,8 +547,3 @@ def audit(since: dt.datetime | None, image_id: uuid.UUID | None, limit: int, out
             f"{row['at']}  r{row['revision']:<6} {row['action']:<7} {row['imageId']}  {org} {who}"
             + (f"  {fields}" if fields else "")
         )
-
-
-from .client_cli import images as _images_group  # noqa: E402
-
-main.add_command(_images_group)
