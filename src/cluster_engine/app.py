@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
-from . import db, docs_page, images, openapi
+from . import db, docs_page, images, logformat, openapi
 from .auth import Verifier
 from .bodydeadline import BodyDeadline
 from .catalog import Catalog
@@ -143,8 +143,12 @@ def create_app(settings: Settings) -> KeepAliveGuard:
     verifier = Verifier(settings)
     metrics = Metrics()
     verifier.on_failure = lambda failure: metrics.auth_failures.labels(failure.reason).inc()
-    access_log = AccessLog() if settings.access_log else None
-    observer = Observer(metrics, access_log)
+    access_log = (
+        AccessLog(json_lines=logformat.resolve(settings.log_format) == "json")
+        if settings.access_log
+        else None
+    )
+    observer = Observer(metrics, access_log, log_probes=settings.access_log_probes)
     list_images, get_image = ListImages(), GetImage()
 
     @contextlib.asynccontextmanager

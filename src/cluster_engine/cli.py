@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 import yaml
 
+from . import logformat
 from .config import ConfigError, Settings, load_settings
 from .extras import server_hint
 
@@ -89,10 +90,11 @@ def _program() -> str:
     return sys.argv[0] if name == "cluster-engine" else f"{Path(sys.executable).name} -m cluster_engine"
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+def _configure_logging(level: str, settings: Settings) -> logformat.Format:
+    """The app's and Granian's logging in CE_LOG_FORMAT (logformat.py); returns the format."""
+    fmt = logformat.resolve(settings.log_format)
+    logformat.configure(level, fmt)
+    return fmt
 
 
 def worker_app() -> Any:
@@ -100,8 +102,8 @@ def worker_app() -> Any:
     from .app import create_app
     from .connguard import ConnectionGuard
 
-    _configure_logging(os.environ.get("CE_LOG_LEVEL", "info"))
     settings = load_settings(os.environ)
+    _configure_logging(os.environ.get("CE_LOG_LEVEL", "info"), settings)
     ConnectionGuard.start(settings.max_connections)  # idle ones closed first, then 503s, at the budget
     return create_app(settings)
 
@@ -161,7 +163,7 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
     from .auth import Verifier, signing_secret
 
     settings = _settings()
-    _configure_logging(log_level)
+    log_format = _configure_logging(log_level, settings)
     _refuse_busy_port(host, port)
     is_sqlite = settings.database_url.startswith("sqlite")
     if migrate or (migrate is None and is_sqlite):
@@ -193,14 +195,17 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
     if secret is not None:
         org = DEMO_ORG if demo else uuid.UUID(int=0)
         lines += [
-            "  get a token and list images:",
-            f"    TOKEN=$({_program()} token --org {org})",
-            f'    curl -H "Authorization: Bearer $TOKEN" {url}/v1/images',
+            f"  TOKEN=$({_program()} token --org {org})",
+            f'  curl -H "Authorization: Bearer $TOKEN" {url}/v1/images',
         ]
     else:
         lines.append("  auth: tokens from your identity provider (public key / JWKS configured)")
-    click.echo("\n".join(lines), err=False)
-    sys.stdout.flush()
+    if log_format == "json":  # a log collector gets the banner as log lines like every other
+        for line in lines:
+            log.info("%s", line.strip())
+    else:
+        click.echo("\n".join(lines), err=False)
+        sys.stdout.flush()
     with metrics_dir:
         Granian(
             "cluster_engine.cli:worker_app",
@@ -212,6 +217,7 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
             workers=workers,
             respawn_failed_workers=True,  # a worker that dies (OOM kill, crash) is replaced
             log_level=LogLevels(log_level),
+            log_dictconfig=logformat.logging_config(log_level, log_format),
             log_access=False,
             # HTTP/1 only: in "auto" mode Granian reads the first bytes to pick the protocol before hyper's
             # header timer starts, so a connection that sends nothing was held forever (issue #14); with
