@@ -40,6 +40,7 @@ from .keepalive import KeepAliveGuard
 from .observability import AccessLog, Metrics, Observability, Observer
 from .prefix import Rejoin
 from .ratelimit import Buckets, Rate, RateLimit
+from .schema_check import UPGRADE_HINT, schema_problem
 from .schemas import json_encoder
 from .standby import Standby
 from .store import Store
@@ -96,18 +97,20 @@ async def healthz(_request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready: the database answers, its schema is at our migration head, the read model is fresh."""
+    """Ready: the database answers, its schema is at our migration head (asked first: an unmigrated
+    database would otherwise look unavailable), the read model is fresh."""
     catalog: Catalog = request.app.state.catalog
     store: Store = request.app.state.store
     try:
-        await catalog.ensure_fresh()
-        schema = await asyncio.wait_for(store.schema_revision(), timeout=1.0)
+        problem = await asyncio.wait_for(schema_problem(store), timeout=1.0)
     except Exception:
         return _error_response(Unavailable())
-    if schema != db.head_revision():
-        return _error_response(
-            Unavailable(f"database schema is at {schema}, this release needs {db.head_revision()}")
-        )
+    if problem is not None:
+        return _error_response(Unavailable(f"{problem}: {UPGRADE_HINT}"))
+    try:
+        await catalog.ensure_fresh()
+    except Exception:
+        return _error_response(Unavailable())
     body = {"status": "ready", "revision": catalog.revision, "images": len(catalog)}
     return Response(json_encoder.encode(body), media_type=JSON)
 

@@ -168,6 +168,8 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
     is_sqlite = settings.database_url.startswith("sqlite")
     if migrate or (migrate is None and is_sqlite):
         db.upgrade(settings.database_url)
+    else:
+        _refuse_unmigrated(settings)
     secret = signing_secret(settings, create=True)
     try:
         Verifier(settings)  # fail now, not in every worker, when the key configuration is unusable
@@ -231,6 +233,22 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
                 max_buffer_size=settings.max_header_bytes,
             ),
         ).serve()
+
+
+def _refuse_unmigrated(settings: Settings) -> None:
+    """Exit with one line when the database answers and its schema is not this release's (workers would
+    serve 503s forever); a database that does not answer yet is waited for by the workers, as before."""
+    from sqlalchemy.exc import DBAPIError
+
+    from .schema_check import UPGRADE_HINT, schema_problem
+
+    try:
+        problem = _with_store(settings, schema_problem)
+    except DBAPIError as exc:
+        log.warning("database not reachable yet (%s): serving 503s until it is", exc.__class__.__name__)
+        return
+    if problem is not None:
+        raise click.ClickException(f"{problem} ({_redact(settings.database_url)}): {UPGRADE_HINT}")
 
 
 def _refuse_busy_port(host: str, port: int) -> None:
