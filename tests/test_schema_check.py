@@ -67,3 +67,22 @@ def test_serve_no_migrate_refuses_an_empty_sqlite_database_too(store: str, tmp_p
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert "the database has no schema" in line
+
+
+def test_serve_on_every_interface_with_a_generated_secret_warns_in_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CE_")}
+    env |= {"CE_DATA_DIR": str(tmp_path), "CE_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}"}
+    env |= {"CE_LOG_FORMAT": "text"}
+    command = [sys.executable, "-m", "cluster_engine", "serve", "--no-migrate", "--host", "0.0.0.0"]
+    result = subprocess.run(  # refused before it listens (--no-migrate on an empty database): no traffic
+        [*command, "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1, result.stderr
+    assert "every interface with a generated development secret" in warnings[0]
+    assert "CE_JWT_SECRET" in warnings[0]

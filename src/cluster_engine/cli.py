@@ -165,12 +165,19 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
     settings = _settings()
     log_format = _configure_logging(log_level, settings)
     _refuse_busy_port(host, port)
+    secret = signing_secret(settings, create=True)
+    if secret is not None and not settings.jwt_secret and _all_interfaces(host):
+        log.warning(
+            "serving %s on every interface with a generated development secret (%s): anyone who reads it "
+            "mints tokens; set CE_JWT_SECRET (or a public key / JWKS) for anything but a trial",
+            host,
+            settings.dev_secret_path,
+        )
     is_sqlite = settings.database_url.startswith("sqlite")
     if migrate or (migrate is None and is_sqlite):
         db.upgrade(settings.database_url)
     else:
         _refuse_unmigrated(settings)
-    secret = signing_secret(settings, create=True)
     try:
         Verifier(settings)  # fail now, not in every worker, when the key configuration is unusable
     except (ConfigError, OSError, ValueError) as exc:
@@ -233,6 +240,10 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
                 max_buffer_size=settings.max_header_bytes,
             ),
         ).serve()
+
+
+def _all_interfaces(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "[::]", "")
 
 
 def _refuse_unmigrated(settings: Settings) -> None:
