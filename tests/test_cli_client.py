@@ -370,6 +370,25 @@ def test_unavailable_server_exits_7(reader: Cli, no_sleep: None, monkeypatch: py
     assert (unavailable.exit_code, unavailable.stderr) == (7, "error: database is unavailable (HTTP 503)\n")
 
 
+def test_on_a_terminal_each_wait_is_announced_on_stderr(
+    reader: Cli, no_sleep: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_cli, "_on_a_terminal", lambda: True)
+    closed = reader("images", "list", CE_URL=f"http://127.0.0.1:{free_port()}")
+    assert closed.exit_code == 7
+    *waits, last = closed.stderr.splitlines()
+    assert len(waits) == 3, closed.stderr  # the default 3 retries
+    for line in waits:
+        assert line.startswith("the server does not answer (ConnectError); retrying in "), line
+        assert line.endswith(" s…")
+    assert last.startswith("error: GET http://127.0.0.1:")
+
+
+def test_off_a_terminal_waits_are_silent(reader: Cli, no_sleep: None) -> None:
+    closed = reader("images", "list", CE_URL=f"http://127.0.0.1:{free_port()}")
+    assert closed.exit_code == 7 and len(closed.stderr.splitlines()) == 1
+
+
 def test_help_documents_exit_codes_and_completion(reader: Cli) -> None:
     text = reader("images", "--help").stdout
     for line in ("0  ok", "3  invalid request (HTTP 400)", "5  not found (HTTP 404)", "7  unavailable"):

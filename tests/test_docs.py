@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
+import pytest
+
 from cluster_engine.cli import config_docs
 from cluster_engine.server.config import SETTINGS
 
@@ -31,3 +34,21 @@ def test_readme_starts_with_the_two_setup_commands() -> None:
     assert [line for line in first_block if line.strip()] == ["./dev serve --demo", "./dev test"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "./dev test" in ci
+
+
+@pytest.mark.parametrize(
+    "option, shown",
+    [
+        (click.Option(["--url"]), "(none)"),
+        (click.Option(["--org"], required=True), "(required)"),
+        (click.Option(["--scope"], multiple=True), "(none)"),
+        (click.Option(["--ttl"], default="1h"), "`1h`"),
+        (click.Option(["--demo"], is_flag=True), "off"),
+    ],
+)
+def test_flag_defaults_are_shown_for_people_on_any_click_version(option: click.Option, shown: str) -> None:
+    assert config_docs._option_row(option).split(" | ")[1] == shown
+
+
+def test_the_configuration_page_shows_no_sentinel() -> None:
+    assert "Sentinel" not in config_docs.render() and "UNSET" not in config_docs.render()

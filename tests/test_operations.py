@@ -148,6 +148,8 @@ def test_access_log_formats_json_and_text_lines() -> None:
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
     assert first == {
         "time": "2023-11-14T22:13:20.250Z",
+        "level": "INFO",
+        "logger": "access",
         "requestId": "id-1",
         "method": "GET",
         "path": '/v1/images"x',
@@ -161,7 +163,7 @@ def test_access_log_formats_json_and_text_lines() -> None:
     readable = AccessLog(text, json_lines=False)
     readable.record(1_700_000_000.25, b"id-1", "GET", "/v1/images", "/v1/images", 200, 0.0012, None)
     readable.flush()
-    assert text.getvalue() == "2023-11-14T22:13:20.250Z 200 GET /v1/images 1.2ms org=- id=id-1\n"
+    assert text.getvalue() == "2023-11-14T22:13:20.250Z INFO access: 200 GET /v1/images 1.2ms org=- id=id-1\n"
 
 
 def test_access_log_is_one_json_line_per_request_without_the_token(tmp_path: Path) -> None:
@@ -173,7 +175,8 @@ def test_access_log_is_one_json_line_per_request_without_the_token(tmp_path: Pat
         client.get("/v1/images", params={"idc": "bad idc"})
         time.sleep(0.5)  # lines are flushed in batches
         log = server.log()
-    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    lines = [line for line in records if line["logger"] == "access"]
     mine = [line for line in lines if line["requestId"] == "log-me"]
     assert len(mine) == 1
     entry = mine[0]

@@ -226,7 +226,13 @@ def cluster_engine_server(
     tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
 ) -> Iterator[Server]:
     """The session's cluster-engine server: started on a free loopback port with a temporary SQLite
-    database, or the one ``--cluster-engine-url`` names."""
+    database, or the one ``--cluster-engine-url`` names. Needs the ``server`` extra (tokens are signed
+    with PyJWT, the server is cluster-engine's own): without it the test errors with one line saying so."""
+    from .extras import server_hint
+
+    hint = server_hint("the cluster_engine_* fixtures")
+    if hint is not None:
+        pytest.fail(hint, pytrace=False)
     url = pytestconfig.getoption("cluster_engine_url")
     if url:
         yield _existing(pytestconfig, url)

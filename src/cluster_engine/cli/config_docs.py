@@ -8,6 +8,7 @@ A test regenerates it and compares, so the page cannot drift from the code.
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import click
 
@@ -20,12 +21,19 @@ COMPUTED_DEFAULTS = {
 }
 
 
+# What an unset setting means, where it is more than "nothing".
+UNSET_MEANS = {
+    "jwt_secret": "(generated: a development secret in DATA_DIR, when no public key or JWKS is set)",
+    "log_format": "(text on a terminal, else JSON)",
+}
+
+
 def _default(field: str) -> str:
     if field in COMPUTED_DEFAULTS:
         return COMPUTED_DEFAULTS[field]
     value = next(f.default for f in dataclasses.fields(Settings) if f.name == field)
     if value is None:
-        return "unset"
+        return UNSET_MEANS.get(field, "(none)")
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     return f"`{value}`"
@@ -46,12 +54,20 @@ def _commands(group: click.Group, prefix: str) -> list[tuple[str, click.Command]
     return found
 
 
+def _no_default(param: click.Option) -> bool:
+    """No default of its own, however this click version says so: None (click < 8.3), its ``UNSET``
+    sentinel (8.3+), a callable, or an empty tuple for a ``multiple`` option."""
+    value = param.default
+    unset = isinstance(value, enum.Enum) and value.name == "UNSET"
+    return value is None or unset or callable(value) or (param.multiple and not value)
+
+
 def _option_row(param: click.Option) -> str:
     names = ", ".join(f"`{n}`" for n in [*param.opts, *param.secondary_opts])
     if param.is_flag and not param.secondary_opts:
         default = "off"
-    elif param.default is None or callable(param.default):
-        default = "—"
+    elif _no_default(param):
+        default = "(required)" if param.required else "(none)"
     else:
         default = f"`{param.default}`"
     envvar = f" (env `{param.envvar}`)" if isinstance(param.envvar, str) else ""

@@ -30,6 +30,7 @@ from ..client import (
     ImageResp,
     ImageType,
     NotFound,
+    Retry,
     ServiceUnavailable,
     TransportError,
     ValidationError,
@@ -126,9 +127,20 @@ def _client(ctx: click.Context, **options: Any) -> Client:
     if not url:
         fail("no server URL: pass --url or set CE_URL", EXIT_USAGE)
     try:
+        if _on_a_terminal() and "retries" not in options:  # a person waits: say why it is slow
+            options["retries"] = Retry(on_retry=_say_retrying)
         return Client(url, ctx.meta.get(_TOKEN), **options)
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
+
+
+def _on_a_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def _say_retrying(delay: float, why: str) -> None:
+    reason = f"the server answered {why}" if why.isdigit() else f"the server does not answer ({why})"
+    click.echo(f"{reason}; retrying in {delay:.1f} s…", err=True)
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:

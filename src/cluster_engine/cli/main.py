@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import errno
+import functools
 import importlib.util
 import json
 import logging
@@ -15,13 +15,15 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import yaml
 
+from ..extras import server_hint
+from ..server import logformat
 from ..server.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
@@ -36,12 +38,34 @@ DEMO_ORG = uuid.UUID("0b7e2f52-4c1a-4d52-9a57-2f1c3c2d9e01")
 
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def needs_server(command: F) -> F:
+    """A command of the server extra: without it, one line naming ``pip install 'cluster-engine[server]'``
+    and exit status 1, instead of an ImportError's traceback."""
+
+    @functools.wraps(command)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        names: list[str] = []
+        ctx = click.get_current_context()
+        while ctx.parent is not None:
+            names.insert(0, ctx.info_name or "")
+            ctx = ctx.parent
+        hint = server_hint(f"`cluster-engine {' '.join(names)}`")
+        if hint is not None:
+            raise click.ClickException(hint)
+        return command(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]
 
 
 def _with_store(
     settings: Settings, work: Callable[[Store], Awaitable[T]], *, statement_timeout: float | None = 5.0
 ) -> T:
     """Run ``work`` against a store opened for this one command, and close it."""
+    import asyncio
+
     from ..storage.store import Store
 
     async def run() -> T:
@@ -66,10 +90,11 @@ def _program() -> str:
     return sys.argv[0] if name == "cluster-engine" else f"{Path(sys.executable).name} -m cluster_engine"
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+def _configure_logging(level: str, settings: Settings) -> logformat.Format:
+    """The app's and Granian's logging in CE_LOG_FORMAT (logformat.py); returns the format."""
+    fmt = logformat.resolve(settings.log_format)
+    logformat.configure(level, fmt)
+    return fmt
 
 
 def worker_app() -> Any:
@@ -77,14 +102,33 @@ def worker_app() -> Any:
     from ..server.app import create_app
     from ..server.connguard import ConnectionGuard
 
-    _configure_logging(os.environ.get("CE_LOG_LEVEL", "info"))
     settings = load_settings(os.environ)
+    _configure_logging(os.environ.get("CE_LOG_LEVEL", "info"), settings)
     ConnectionGuard.start(settings.max_connections)  # idle ones closed first, then 503s, at the budget
     return create_app(settings)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(metadata.version("cluster-engine"), prog_name="cluster-engine")
+_LAZY_COMMANDS = {"images": "cluster_engine.cli.images"}  # command name -> module defining it
+
+
+class _Main(click.Group):
+    """The top-level group; ``images`` (the client CLI, which imports httpx) is imported only when used,
+    so that ``--version`` and the server commands do not pay for it."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY_COMMANDS:
+            import importlib
+
+            command: click.Command = getattr(importlib.import_module(_LAZY_COMMANDS[cmd_name]), cmd_name)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cluster-engine", prog_name="cluster-engine")
 def main() -> None:
     """cluster-engine: the Cluster Engine Images API, self-hosted."""
 
@@ -107,6 +151,7 @@ def main() -> None:
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
+@needs_server
 def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, log_level: str) -> None:
     """Run the API server."""
     from granian import Granian
@@ -118,12 +163,21 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
     from ..storage import db
 
     settings = _settings()
-    _configure_logging(log_level)
+    log_format = _configure_logging(log_level, settings)
     _refuse_busy_port(host, port)
+    secret = signing_secret(settings, create=True)
+    if secret is not None and not settings.jwt_secret and _all_interfaces(host):
+        log.warning(
+            "serving %s on every interface with a generated development secret (%s): anyone who reads it "
+            "mints tokens; set CE_JWT_SECRET (or a public key / JWKS) for anything but a trial",
+            host,
+            settings.dev_secret_path,
+        )
     is_sqlite = settings.database_url.startswith("sqlite")
     if migrate or (migrate is None and is_sqlite):
         db.upgrade(settings.database_url)
-    secret = signing_secret(settings, create=True)
+    else:
+        _refuse_unmigrated(settings)
     try:
         Verifier(settings)  # fail now, not in every worker, when the key configuration is unusable
     except (ConfigError, OSError, ValueError) as exc:
@@ -150,14 +204,17 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
     if secret is not None:
         org = DEMO_ORG if demo else uuid.UUID(int=0)
         lines += [
-            "  get a token and list images:",
-            f"    TOKEN=$({_program()} token --org {org})",
-            f'    curl -H "Authorization: Bearer $TOKEN" {url}/v1/images',
+            f"  TOKEN=$({_program()} token --org {org})",
+            f'  curl -H "Authorization: Bearer $TOKEN" {url}/v1/images',
         ]
     else:
         lines.append("  auth: tokens from your identity provider (public key / JWKS configured)")
-    click.echo("\n".join(lines), err=False)
-    sys.stdout.flush()
+    if log_format == "json":  # a log collector gets the banner as log lines like every other
+        for line in lines:
+            log.info("%s", line.strip())
+    else:
+        click.echo("\n".join(lines), err=False)
+        sys.stdout.flush()
     with metrics_dir:
         Granian(
             "cluster_engine.cli.main:worker_app",
@@ -169,6 +226,7 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
             workers=workers,
             respawn_failed_workers=True,  # a worker that dies (OOM kill, crash) is replaced
             log_level=LogLevels(log_level),
+            log_dictconfig=logformat.logging_config(log_level, log_format),
             log_access=False,
             # HTTP/1 only: in "auto" mode Granian reads the first bytes to pick the protocol before hyper's
             # header timer starts, so a connection that sends nothing was held forever (issue #14); with
@@ -182,6 +240,26 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
                 max_buffer_size=settings.max_header_bytes,
             ),
         ).serve()
+
+
+def _all_interfaces(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "[::]", "")
+
+
+def _refuse_unmigrated(settings: Settings) -> None:
+    """Exit with one line when the database answers and its schema is not this release's (workers would
+    serve 503s forever); a database that does not answer yet is waited for by the workers, as before."""
+    from sqlalchemy.exc import DBAPIError
+
+    from ..storage.schema_check import UPGRADE_HINT, schema_problem
+
+    try:
+        problem = _with_store(settings, schema_problem)
+    except DBAPIError as exc:
+        log.warning("database not reachable yet (%s): serving 503s until it is", exc.__class__.__name__)
+        return
+    if problem is not None:
+        raise click.ClickException(f"{problem} ({_redact(settings.database_url)}): {UPGRADE_HINT}")
 
 
 def _refuse_busy_port(host: str, port: int) -> None:
@@ -284,6 +362,7 @@ def _duration(value: str) -> int:
     is_flag=True,
     help="Create the development secret when there is none (as `serve` does on first start).",
 )
+@needs_server
 def token(
     org: uuid.UUID,
     scopes: tuple[str, ...],
@@ -334,6 +413,7 @@ def db_group() -> None:
 
 @db_group.command()
 @click.option("--revision", default="head", show_default=True)
+@needs_server
 def upgrade(revision: str) -> None:
     """Apply migrations up to REVISION."""
     from ..storage import db
@@ -345,6 +425,7 @@ def upgrade(revision: str) -> None:
 
 @db_group.command()
 @click.argument("revision")
+@needs_server
 def downgrade(revision: str) -> None:
     """Revert migrations down to REVISION (``base`` removes every table)."""
     from ..storage import db
@@ -374,6 +455,7 @@ def catalog() -> None:
     show_default=True,
     help="Report format.",
 )
+@needs_server
 def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     """Create or update the images in FILE (YAML or JSON list) in one transaction; idempotent."""
     from ..server.errors import ApiError, RequestInvalid
@@ -433,6 +515,7 @@ def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     show_default=True,
     help="Which images to export.",
 )
+@needs_server
 def export(output: str, image_type: str) -> None:
     """Write the catalog as a catalog file (ids and createdAt kept, so it re-imports to the same state)."""
     from ..schemas import ImageType
@@ -479,6 +562,7 @@ def export(output: str, image_type: str) -> None:
     show_default=True,
     help="A line per change, or JSON.",
 )
+@needs_server
 def audit(since: dt.datetime | None, image_id: uuid.UUID | None, limit: int, output: str) -> None:
     """Show the audit trail: every create, update and delete, by whom, of which image, what changed."""
     settings = _settings()
@@ -498,8 +582,3 @@ def audit(since: dt.datetime | None, image_id: uuid.UUID | None, limit: int, out
             f"{row['at']}  r{row['revision']:<6} {row['action']:<7} {row['imageId']}  {org} {who}"
             + (f"  {fields}" if fields else "")
         )
-
-
-from .images import images as _images_group  # noqa: E402
-
-main.add_command(_images_group)

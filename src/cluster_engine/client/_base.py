@@ -80,6 +80,15 @@ class Retry:
     total: int = 3
     backoff: float = 0.5
     max_delay: float = 10.0
+    # Called before each wait with (seconds, why): e.g. the CLI's "retrying in 1.2 s…" on a terminal.
+    on_retry: Callable[[float, str], None] | None = None
+
+    def waiting(self, delay: float, response: httpx.Response | None, error: Exception | None) -> None:
+        """Tell ``on_retry`` (if any) about a wait of ``delay`` seconds (an immediate retry is not told)."""
+        if self.on_retry is None or delay <= 0:
+            return
+        why = f"{response.status_code}" if response is not None else error.__class__.__name__
+        self.on_retry(delay, why)
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         exponential = self.backoff * 2.0**attempt * random.uniform(0.5, 1.0)
@@ -342,7 +351,19 @@ class BaseClient:
         response: httpx.Response | None = None,
         error: httpx.TransportError | None = None,
     ) -> float | None:
-        """Seconds to wait before trying ``call`` again, or None to stop here."""
+        """Seconds to wait before trying ``call`` again, or None to stop here (``Retry.on_retry`` is told)."""
+        delay = self._next_delay(call, attempt, response, error)
+        if delay is not None:
+            self.retry.waiting(delay, response, error)
+        return delay
+
+    def _next_delay(
+        self,
+        call: Call[Any],
+        attempt: int,
+        response: httpx.Response | None,
+        error: httpx.TransportError | None,
+    ) -> float | None:
         if attempt >= self.retry.total or not call.idempotent:
             return None
         if error is not None:

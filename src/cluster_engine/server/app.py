@@ -30,9 +30,10 @@ from starlette.routing import Match, Route
 
 from ..schemas import json_encoder
 from ..storage import db
+from ..storage.schema_check import UPGRADE_HINT, schema_problem
 from ..storage.standby import Standby
 from ..storage.store import Store
-from . import docs_page, images, openapi
+from . import docs_page, images, logformat, openapi
 from .auth import Verifier
 from .bodydeadline import BodyDeadline
 from .catalog import Catalog
@@ -97,18 +98,20 @@ async def healthz(_request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready: the database answers, its schema is at our migration head, the read model is fresh."""
+    """Ready: the database answers, its schema is at our migration head (asked first: an unmigrated
+    database would otherwise look unavailable), the read model is fresh."""
     catalog: Catalog = request.app.state.catalog
     store: Store = request.app.state.store
     try:
-        await catalog.ensure_fresh()
-        schema = await asyncio.wait_for(store.schema_revision(), timeout=1.0)
+        problem = await asyncio.wait_for(schema_problem(store), timeout=1.0)
     except Exception:
         return _error_response(Unavailable())
-    if schema != db.head_revision():
-        return _error_response(
-            Unavailable(f"database schema is at {schema}, this release needs {db.head_revision()}")
-        )
+    if problem is not None:
+        return _error_response(Unavailable(f"{problem}: {UPGRADE_HINT}"))
+    try:
+        await catalog.ensure_fresh()
+    except Exception:
+        return _error_response(Unavailable())
     body = {"status": "ready", "revision": catalog.revision, "images": len(catalog)}
     return Response(json_encoder.encode(body), media_type=JSON)
 
@@ -144,8 +147,12 @@ def create_app(settings: Settings) -> KeepAliveGuard:
     verifier = Verifier(settings)
     metrics = Metrics()
     verifier.on_failure = lambda failure: metrics.auth_failures.labels(failure.reason).inc()
-    access_log = AccessLog() if settings.access_log else None
-    observer = Observer(metrics, access_log)
+    access_log = (
+        AccessLog(json_lines=logformat.resolve(settings.log_format) == "json")
+        if settings.access_log
+        else None
+    )
+    observer = Observer(metrics, access_log, log_probes=settings.access_log_probes)
     list_images, get_image = ListImages(), GetImage()
 
     @contextlib.asynccontextmanager

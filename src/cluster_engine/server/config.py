@@ -80,6 +80,13 @@ def _optional_str(raw: str) -> str | None:
     return raw or None
 
 
+def _log_format(raw: str) -> str | None:
+    value = raw.strip().lower()
+    if value not in ("", "json", "text"):
+        raise ConfigError(f"CE_LOG_FORMAT must be json or text (or empty: text on a terminal), got {raw!r}")
+    return value or None
+
+
 def _rate(name: str) -> Callable[[str], str | None]:
     def parse(raw: str) -> str | None:
         from .ratelimit import Rate
@@ -123,6 +130,8 @@ class Settings:
     backlog: int = 1024
     rate_limit: str | None = None
     access_log: bool = True
+    access_log_probes: bool = False
+    log_format: str | None = None
     cache_orgs: int = 100_000
     db_pool_size: int = 1
     db_pool_overflow: int = 1
@@ -279,7 +288,21 @@ SETTINGS: tuple[Setting, ...] = (
         "CE_ACCESS_LOG",
         "access_log",
         _bool("CE_ACCESS_LOG"),
-        "One log line per request (JSON, or text on a terminal) on stderr.",
+        "One log line per request (in CE_LOG_FORMAT) on stderr.",
+    ),
+    Setting(
+        "CE_ACCESS_LOG_PROBES",
+        "access_log_probes",
+        _bool("CE_ACCESS_LOG_PROBES"),
+        "Also log the probes' requests (`/healthz`, `/readyz`, `/metrics`) in the access log.",
+    ),
+    Setting(
+        "CE_LOG_FORMAT",
+        "log_format",
+        _log_format,
+        "`json` or `text` for every log line (the app's, Granian's, the access log); unset: text when "
+        "stderr is a terminal, JSON otherwise. Each line has a time (UTC), a level and the logger; an "
+        "exception stays on its line.",
     ),
     Setting(
         "CE_CACHE_ORGS",

@@ -220,9 +220,11 @@ def _can_add_many(histogram: Histogram) -> bool:
 
 
 class _Line(msgspec.Struct):
-    """One access-log line in JSON form."""
+    """One access-log line in JSON form (``time``, ``level``, ``logger`` as logformat's lines)."""
 
     time: str
+    level: str
+    logger: str
     requestId: str
     method: str
     path: str
@@ -276,14 +278,25 @@ class AccessLog:
 
     def _json(self, entries: list[_Entry]) -> str:
         lines = [
-            _Line(self._time(at), rid.decode(), method, path, route, status, round(seconds * 1000, 3), org)
+            _Line(
+                self._time(at),
+                "INFO",
+                "access",
+                rid.decode(),
+                method,
+                path,
+                route,
+                status,
+                round(seconds * 1000, 3),
+                org,
+            )
             for at, rid, method, path, route, status, seconds, org in entries
         ]
         return self._encode_lines(lines).decode()
 
     def _text(self, entries: list[_Entry]) -> str:
         return "".join(
-            f"{self._time(at)} {status} {method} {path} {seconds * 1000:.1f}ms org={org or '-'} "
+            f"{self._time(at)} INFO access: {status} {method} {path} {seconds * 1000:.1f}ms org={org or '-'} "
             f"id={rid.decode()}\n"
             for at, rid, method, path, _route, status, seconds, org in entries
         )
@@ -308,12 +321,17 @@ class AccessLog:
             self.flush()
 
 
+# Requests of probes and scrapers: counted in the metrics, kept out of the access log (CE_ACCESS_LOG_PROBES).
+PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 class Observer:
     """Per-request bookkeeping, the same for both ways in (``HotPath`` and ``Observability``): the
     request id, the in-flight count, metrics and the access-log entry."""
 
-    def __init__(self, metrics: Metrics, access_log: AccessLog | None) -> None:
+    def __init__(self, metrics: Metrics, access_log: AccessLog | None, *, log_probes: bool = False) -> None:
         self.metrics, self.access_log = metrics, access_log
+        self.unlogged = frozenset() if log_probes else PROBE_ROUTES
         self.in_flight = 0  # sampled into the in-flight gauge every second (a gauge write costs more)
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}-"
@@ -328,7 +346,7 @@ class Observer:
         elapsed = time.perf_counter() - started
         method = scope["method"]
         self.metrics.observe(route, method, status, elapsed)
-        if self.access_log is not None:
+        if self.access_log is not None and route not in self.unlogged:
             self.access_log.record(
                 time.time(), request_id, method, scope["path"], route, status, elapsed, scope.get(ORG_KEY)
             )

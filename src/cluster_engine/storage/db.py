@@ -7,6 +7,8 @@ every backend.
 from __future__ import annotations
 
 import functools
+import logging
+import re
 import time
 from importlib import resources
 from pathlib import Path
@@ -379,13 +381,56 @@ def alembic_config(url: str) -> Any:
     return config
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    from alembic import command
-
+def upgrade(url: str, revision: str = "head") -> list[str]:
+    """Apply migrations up to ``revision``; return the steps run ("0002 -> 0003"), logged as one INFO
+    line of the ``cluster_engine.storage.db`` logger (nothing when there was nothing to do). Alembic's own
+    lines (a "setup plugin" line per plugin, "Context impl", one per step) are not passed on."""
     path = sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(url), revision)
+    steps = _Steps()
+    quiet = [logging.getLogger(name) for name in ("alembic", "alembic.runtime.migration")]
+    saved = [(logger.level, logger.propagate) for logger in quiet]
+    migration = quiet[1]
+    quiet[0].setLevel(logging.WARNING)
+    migration.setLevel(logging.INFO)
+    migration.propagate = False
+    migration.addHandler(steps)
+    try:
+        from alembic import command  # its first import logs a "setup plugin" line per plugin
+
+        command.upgrade(alembic_config(url), revision)
+    finally:
+        migration.removeHandler(steps)
+        for logger, (level, propagate) in zip(quiet, saved, strict=True):
+            logger.setLevel(level)
+            logger.propagate = propagate
+    if steps.ran:
+        logging.getLogger(__name__).info(
+            "database migrated: %s (%d migration%s)",
+            ", ".join(steps.ran),
+            len(steps.ran),
+            "" if len(steps.ran) == 1 else "s",
+        )
+    return steps.ran
+
+
+class _Steps(logging.Handler):
+    """Collects Alembic's "Running upgrade A -> B, …" records; other records of it at WARNING or above
+    are passed on to the ``cluster_engine.storage.db`` logger."""
+
+    _STEP = re.compile(r"Running upgrade (\S*) -> (\S+?),")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.ran: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self._STEP.match(record.getMessage())
+        if match:
+            self.ran.append(f"{match.group(1) or 'empty'} -> {match.group(2)}")
+        elif record.levelno >= logging.WARNING:
+            logging.getLogger(__name__).handle(record)
 
 
 @functools.cache

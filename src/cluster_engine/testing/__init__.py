@@ -70,7 +70,9 @@ class LiveServer:
         args: Sequence[str] = (),
         host: str = "127.0.0.1",
         timeout: float = 30.0,
+        python: str | None = None,
     ) -> LiveServer:
+        """``python``: the interpreter whose cluster-engine to run (default: this one's)."""
         data_dir.mkdir(parents=True, exist_ok=True)
         port = free_port(host)
         secret = secrets.token_urlsafe(48)
@@ -86,7 +88,17 @@ class LiveServer:
         log_path = data_dir / f"server-{port}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "cluster_engine", "serve", "--host", host, "--port", str(port), *args],
+                [
+                    python or sys.executable,
+                    "-m",
+                    "cluster_engine",
+                    "serve",
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                    *args,
+                ],
                 env=full_env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

