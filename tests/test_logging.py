@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster_engine import db, logformat
+from cluster_engine.server import logformat
+from cluster_engine.storage import db
 from cluster_engine.testing import LiveServer
 
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")

@@ -93,7 +93,7 @@ def test_the_wheel_ships_py_typed_the_license_and_no_bytecode(wheel: Path) -> No
     names = zipfile.ZipFile(wheel).namelist()
     assert "cluster_engine/py.typed" in names
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names), names
-    assert "cluster_engine/migrations/env.py" in names
+    assert "cluster_engine/storage/migrations/env.py" in names
     assert not [name for name in names if name.endswith(".pyc") or "__pycache__" in name]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cluster_engine import pgserver
+from cluster_engine.testing import pgserver
 
 from .conftest import IN_CI
 

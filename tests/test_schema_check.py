@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster_engine import db
+from cluster_engine.storage import db
 from cluster_engine.testing import LiveServer, free_port
 
 from .conftest import Databases
