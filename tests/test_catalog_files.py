@@ -26,13 +26,13 @@ from hypothesis import strategies as st
 
 from cluster_engine.cli.main import main
 from cluster_engine.schemas import ImageBootMode, ImageResp, ImageType, Partition, json_encoder
-from cluster_engine.server.errors import Conflict, RequestInvalid
-from cluster_engine.server.validation import (
+from cluster_engine.server.catalog_entries import (
     CatalogEntry,
     _checked_catalog_entry,
     _fast_catalog_entry,
     read_catalog_entries,
 )
+from cluster_engine.server.errors import Conflict, RequestInvalid
 from cluster_engine.storage import catalog_files, db
 from cluster_engine.storage.catalog_files import (
     CatalogFileError,

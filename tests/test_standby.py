@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
+from cluster_engine.server.bodies import read_create_request
 from cluster_engine.server.config import ConfigError, load_settings
-from cluster_engine.server.validation import read_create_request
 from cluster_engine.storage import db
 from cluster_engine.storage.standby import Standby
 from cluster_engine.storage.store import Actor, Store

@@ -129,8 +129,8 @@ class Catalog:
         in the order of the entries. A catalog the import rejects raises ValueError, saying why."""
         import yaml
 
+        from .server.catalog_entries import read_catalog_entries
         from .server.errors import ApiError, RequestInvalid
-        from .server.validation import read_catalog_entries
         from .storage.store import Actor
 
         if isinstance(source, str | Path):

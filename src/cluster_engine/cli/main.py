@@ -75,7 +75,7 @@ def main() -> None:
 
 
 async def _load_demo(store: Store) -> str:
-    from ..server.validation import read_catalog_entries
+    from ..server.catalog_entries import read_catalog_entries
 
     if await store.count():
         return "not loaded (the catalog already has images)"

@@ -22,8 +22,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..schemas import ImageCreateReq, ImageResp, ImageType, Partition, json_encoder
+from ..server.catalog_entries import CatalogEntry
 from ..server.errors import Conflict, NotFound
-from ..server.validation import CatalogEntry
 from .db import audit_log, catalog_state, create_engine, deleted_images, images, uses_pgbouncer
 from .standby import Standby, current_revision
 

@@ -14,11 +14,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ...schemas import ValidationDetail
+from ...server.catalog_entries import CatalogEntry, read_catalog_entry
 from ...server.errors import Conflict
-from ...server.validation import (
-    CatalogEntry,
-    read_catalog_entry,
-)
 from .planning import Plan, Planner, Write
 from .progress import QUIET, Progress
 from .reading import CatalogSource, _NotJson

@@ -9,11 +9,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from ...schemas import ImageType, ValidationDetail, json_encoder
+from ...server.catalog_entries import CatalogEntry
 from ...server.errors import Conflict
-from ...server.validation import (
-    CatalogEntry,
-    detail,
-)
+from ...server.validation import detail
 from ..store import make_image
 from .shared import (
     _EPOCH,

@@ -11,11 +11,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import msgspec
 import yaml
 
-from ...server.validation import (
-    CatalogFields,
-    entry_of_fields,
-    not_a_catalog,
-)
+from ...server.catalog_entries import CatalogFields, entry_of_fields, not_a_catalog
 from .shared import CatalogFileError
 
 if TYPE_CHECKING:
