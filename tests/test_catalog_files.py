@@ -44,7 +44,8 @@ from cluster_engine.storage.catalog_files import (
     body_digest,
     exporting,
 )
-from cluster_engine.storage.store import Ids, ImportReport, Store, image_of_body, make_image
+from cluster_engine.storage.records import Ids, ImportReport, image_of_body, make_image
+from cluster_engine.storage.store import Store
 
 from .conftest import STORES, Databases
 

@@ -23,7 +23,8 @@ from cluster_engine.server.catalog import Catalog
 from cluster_engine.server.catalog_entries import read_catalog_entries
 from cluster_engine.server.validation import ListQuery
 from cluster_engine.storage import db
-from cluster_engine.storage.store import Actor, Namespace, Store
+from cluster_engine.storage.records import Actor, Namespace
+from cluster_engine.storage.store import Store
 
 from .conftest import STORES, Databases
 from .test_properties import BASE, FakeStore, version

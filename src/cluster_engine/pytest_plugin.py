@@ -131,7 +131,7 @@ class Catalog:
 
         from .server.catalog_entries import read_catalog_entries
         from .server.errors import ApiError, RequestInvalid
-        from .storage.store import Actor
+        from .storage.records import Actor
 
         if isinstance(source, str | Path):
             entries = yaml.safe_load(Path(source).read_text(encoding="utf-8"))

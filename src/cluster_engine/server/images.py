@@ -15,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..schemas import ImageCreateReq, ImageResp, json_encoder
-from ..storage.store import Actor, Store
+from ..storage.records import Actor
+from ..storage.store import Store
 from . import bodies, catalog, validation, visibility
 from .auth import Principal, Verifier
 from .deadline import within

@@ -23,7 +23,8 @@ from .shared import DUPLICATE, _Problems
 from .sql import _Database, _database
 
 if TYPE_CHECKING:
-    from ..store import Actor, ImportReport, Store
+    from ..records import Actor, ImportReport
+    from ..store import Store
 
 CREATE_BATCH = 5_000
 UPDATE_BATCH = 2_000
@@ -196,7 +197,7 @@ async def _import(
     import psycopg
     from sqlalchemy.exc import IntegrityError
 
-    from ..store import Actor, ImportReport, utcnow
+    from ..records import Actor, ImportReport, utcnow
 
     actor = actor or Actor(org_id=None, name="cli:catalog-import")
     report = ImportReport()

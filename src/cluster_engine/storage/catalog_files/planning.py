@@ -12,7 +12,7 @@ from ...schemas import ImageType, ValidationDetail, json_encoder
 from ...server.catalog_entries import CatalogEntry
 from ...server.errors import Conflict
 from ...server.validation import detail
-from ..store import make_image
+from ..records import make_image
 from .shared import (
     _EPOCH,
     DUPLICATE,
@@ -25,7 +25,7 @@ from .shared import (
 )
 
 if TYPE_CHECKING:
-    from ..store import ImportReport
+    from ..records import ImportReport
 
 
 class ExistingIndex:
@@ -246,7 +246,7 @@ class Planner:
 
 
 def _render(image_id: uuid.UUID, entry: CatalogEntry, created_at: dt.datetime) -> bytes:
-    """The image's body: what ``store.make_image`` serves, encoded."""
+    """The image's body: what ``records.make_image`` serves, encoded."""
     return _encode(make_image(image_id, entry.type, entry.spec, created_at))
 
 

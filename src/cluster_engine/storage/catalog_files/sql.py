@@ -20,7 +20,7 @@ from .shared import body_digest
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-    from ..store import Actor
+    from ..records import Actor
 
 ID_BATCH = 500  # ids per IN (…) on SQLite
 
