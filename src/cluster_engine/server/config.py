@@ -62,10 +62,6 @@ class Settings:
     def dev_secret_path(self) -> Path:
         return self.data_dir / "jwt-secret"
 
-    @property
-    def uses_default_database(self) -> bool:
-        return self.database_url == default_database_url(self.data_dir)
-
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
