@@ -33,7 +33,8 @@ import msgspec
 from sqlalchemy import event
 
 from cluster_engine.schemas import ImageCreateReq, ImageType
-from cluster_engine.storage.store import Actor, Store
+from cluster_engine.storage.records import Actor
+from cluster_engine.storage.store import Store
 from cluster_engine.testing.pgbouncer import PgBouncer, version
 from cluster_engine.testing.pgserver import PostgresServer
 

@@ -27,7 +27,8 @@ import sqlalchemy as sa
 from cluster_engine.server.auth import mint_token
 from cluster_engine.server.pids import descendants
 from cluster_engine.storage.db import audit_log, images
-from cluster_engine.storage.store import Store, image_from_row, image_of_body
+from cluster_engine.storage.records import image_from_row, image_of_body
+from cluster_engine.storage.store import Store
 from cluster_engine.testing import LiveServer
 
 IDCS = ("us-west-1", "us-east-1", "eu-central-1", "ap-southeast-1")

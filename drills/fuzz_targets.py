@@ -39,7 +39,7 @@ with atheris.instrument_imports(include=["cluster_engine", "jwt"]):
     import jwt
 
     from cluster_engine.schemas import json_encoder
-    from cluster_engine.server import hotpath, images, validation
+    from cluster_engine.server import bodies, catalog_entries, hotpath, images, validation
     from cluster_engine.server.auth import Verifier
     from cluster_engine.server.config import load_settings
     from cluster_engine.server.errors import ApiError, RequestInvalid
@@ -263,21 +263,21 @@ def bodies_target(data: bytes) -> None:
         return
     mode, rest = data[0] % 3, data[1:]
     if mode == 0:
-        spec, _type = validation.read_create_request(_request_body(rest))
+        spec, _type = bodies.read_create_request(_request_body(rest))
         _check_spec(spec)
     elif mode == 1:
-        _check_spec(validation.read_patch(current_image(), _request_body(rest)))
+        _check_spec(bodies.read_patch(current_image(), _request_body(rest)))
     else:
         fdp = atheris.FuzzedDataProvider(rest)
         body = _mutated_body(fdp)
         which = fdp.ConsumeIntInRange(0, 2)
         if which == 0:
-            spec, _type = validation.read_create_request(body)
+            spec, _type = bodies.read_create_request(body)
             _check_spec(spec)
         elif which == 1:
-            _check_spec(validation.read_patch(current_image(), body))
+            _check_spec(bodies.read_patch(current_image(), body))
         else:
-            for entry in validation.read_catalog_entries([body]):
+            for entry in catalog_entries.read_catalog_entries([body]):
                 _check_spec(entry.spec)
 
 

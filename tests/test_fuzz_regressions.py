@@ -14,7 +14,7 @@ it didn't catch (and its ``repr`` fallback would raise it too): 500 again (fixed
 
 Schemathesis (5,000 examples per operation): ``PATCH /v1/images/{id}`` with ``{"type": {}}`` was valid
 against the served ``ImagePatch`` schema (which didn't declare the immutable fields, and allows other
-properties), but the service answers 400 ``readonly`` (``validation.IMMUTABLE_FIELDS``): a schema-valid
+properties), but the service answers 400 ``readonly`` (``bodies.IMMUTABLE_FIELDS``): a schema-valid
 request rejected (fixed: the document declares them ``readOnly``; the test passes however the two are
 made to agree).
 """
@@ -31,7 +31,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
 from cluster_engine.cli.main import DEMO_ORG, demo_catalog
-from cluster_engine.server import images, openapi, validation
+from cluster_engine.server import bodies, images, openapi
 from cluster_engine.server.errors import RequestInvalid
 from cluster_engine.testing import LiveServer
 
@@ -91,7 +91,7 @@ def test_validators_report_deeply_nested_values_without_crashing() -> None:
         "name": _nested(5000),
     }
     with pytest.raises(RequestInvalid) as raised:
-        validation.read_create_request(body)
+        bodies.read_create_request(body)
     raised.value.body()  # what the service sends must encode
     assert [d.field for d in raised.value.details] == ["name"]
 

@@ -31,7 +31,8 @@ from sqlalchemy.engine import make_url
 from cluster_engine.schemas import ImageCreateReq, ImageType
 from cluster_engine.server.config import ConfigError, load_settings
 from cluster_engine.storage import db
-from cluster_engine.storage.store import Actor, Store
+from cluster_engine.storage.records import Actor
+from cluster_engine.storage.store import Store
 from cluster_engine.testing import LiveServer, free_port
 from cluster_engine.testing.pgbouncer import PgBouncer, PgBouncerUnavailable
 from cluster_engine.testing.pgserver import PostgresServer, PostgresUnavailable, create_database

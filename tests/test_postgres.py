@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from cluster_engine.server.validation import read_catalog_entries
+from cluster_engine.server.catalog_entries import read_catalog_entries
 from cluster_engine.storage import db
 from cluster_engine.storage.store import Store
 from cluster_engine.testing import LiveServer, free_port

@@ -20,9 +20,11 @@ import pytest
 from cluster_engine.schemas import ImageCreateReq, ImageResp, ImageType
 from cluster_engine.server import catalog as read_model
 from cluster_engine.server.catalog import Catalog
-from cluster_engine.server.validation import ListQuery, read_catalog_entries
+from cluster_engine.server.catalog_entries import read_catalog_entries
+from cluster_engine.server.validation import ListQuery
 from cluster_engine.storage import db
-from cluster_engine.storage.store import Actor, Namespace, Store
+from cluster_engine.storage.records import Actor, Namespace
+from cluster_engine.storage.store import Store
 
 from .conftest import STORES, Databases
 from .test_properties import BASE, FakeStore, version

@@ -14,15 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster_engine.schemas import ImageBootMode, ImageCreateReq, ImageType, Partition, ValidationDetail
+from cluster_engine.server.bodies import read_image_create
+from cluster_engine.server.catalog_entries import read_catalog_entries
 from cluster_engine.server.errors import RequestInvalid
-from cluster_engine.server.validation import (
-    ListQuery,
-    image_id,
-    list_query,
-    original,
-    read_catalog_entries,
-    read_image_create,
-)
+from cluster_engine.server.validation import ListQuery, image_id, list_query, original
 
 ORG = "0b7e2f52-4c1a-4d52-9a57-2f1c3c2d9e01"
 ORIGINAL_MAX = 257  # 256 characters and an ellipsis
