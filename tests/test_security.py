@@ -742,7 +742,7 @@ class Target:
 
 def image_body(org: uuid.UUID, **overrides: Any) -> dict[str, Any]:
     """A valid POST /v1/images body (an ImageCreateReq) with a fresh name; ``overrides`` replace fields."""
-    return samples.image_body(org, f"sec-{uuid.uuid4().hex[:12]}", **overrides)
+    return samples.image_body(org, **{"name": f"sec-{uuid.uuid4().hex[:12]}", **overrides})
 
 
 SECRET_IDC = "tenant-a-private-idc"

@@ -26,14 +26,14 @@ EFI_PARTITION: dict[str, str] = {
 ROOT_PARTITION: dict[str, str] = {"name": "root", "mountPoint": "/", "size": "199G", "fileSystem": "ext4"}
 
 
-def image_body(org: uuid.UUID | str, name: str = "Ubuntu-22.04", **overrides: Any) -> dict[str, Any]:
+def image_body(org: uuid.UUID | str, name: Any = "Ubuntu-22.04", **overrides: Any) -> dict[str, Any]:
     """A valid image body owned by ``org``: an Ubuntu 22.04 UEFI image in us-west-1 at
     ``images/<name in lower case>.qcow2`` on 200G with an EFI and a root partition, for two GPU products.
     ``overrides`` replace fields or add others (``type``, ``id``, ``createdAt`` in a catalog entry)."""
     body: dict[str, Any] = {
         "idc": "us-west-1",
         "orgId": str(org),
-        "path": f"images/{name.lower()}.qcow2",
+        "path": f"images/{name}.qcow2".lower(),  # name may be any value, in a test of invalid bodies
         "name": name,
         "OSSeries": "Ubuntu",
         "OSVersion": "22.04",
@@ -53,6 +53,6 @@ def root_only(size: str = "200G") -> list[dict[str, str]]:
     return [{**ROOT_PARTITION, "size": size}]
 
 
-def image_spec(org: uuid.UUID | str, name: str = "Ubuntu-22.04", **overrides: Any) -> ImageCreateReq:
+def image_spec(org: uuid.UUID | str, name: Any = "Ubuntu-22.04", **overrides: Any) -> ImageCreateReq:
     """The same sample as the ``ImageCreateReq`` a storage test hands to ``Store.create_image``."""
     return msgspec.convert(image_body(org, name, **overrides), ImageCreateReq)
