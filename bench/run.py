@@ -32,9 +32,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -1082,27 +1082,35 @@ def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_args(argv)
+R = TypeVar("R")
+
+
+def run_sizes(
+    prefix: str,
+    opts: Any,
+    found_versions: dict[str, str],
+    bench_size: Callable[[int, Cores, Store, Path], R],
+    render: Callable[[list[R], Cores, dict[str, str]], str],
+    on_report: Callable[[int, R], None] = lambda _n, _report: None,
+) -> int:
+    """The frame both benchmarks share: a work directory, one store, ``bench_size`` for each of
+    ``opts.sizes``, the Markdown report printed (and written to ``opts.out``), or on a failure what was
+    measured so far; SIGTERM and SIGHUP end it through the same clean-up."""
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="ce-bench-"))
-    reports: list[SizeReport] = []
-    found_versions = versions()  # at the start: src/ may change while the benchmark runs
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    reports: list[R] = []
+    cores = Cores.detect()
     try:
         ensure_tools()
-        cores = Cores.detect()
         log(cores.description)
         with Store(opts.store, workdir) as store:
             for n in opts.sizes:
-                report = bench_size(n, opts, cores, store, workdir)
+                report = bench_size(n, cores, store, workdir)
                 reports.append(report)
-                log(
-                    f"N={n}: import {report.import_s:.1f}s, worker RSS {_mib(report.rss_worker_kib)} MiB"
-                    f" ({_mib(report.rss_after_kib)} MiB after the benchmark)"
-                )
-        text = render_report(reports, opts, cores, found_versions)
+                on_report(n, report)
+        text = render(reports, cores, found_versions)
         print(text)
         if opts.out:
             opts.out.write_text(text, encoding="utf-8")
@@ -1111,13 +1119,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BenchError, subprocess.SubprocessError, OSError, httpx.HTTPError) as exc:
         log(f"FAILED: {exc.__class__.__name__}: {exc}")
         if reports:
-            print(render_report(reports, opts, Cores.detect(), found_versions))
+            print(render(reports, cores, found_versions))
         return 1
     finally:
         if opts.keep:
             log(f"work directory kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _log_size(n: int, report: SizeReport) -> None:
+    log(
+        f"N={n}: import {report.import_s:.1f}s, worker RSS {_mib(report.rss_worker_kib)} MiB"
+        f" ({_mib(report.rss_after_kib)} MiB after the benchmark)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    found_versions = versions()  # at the start: src/ may change while the benchmark runs
+    return run_sizes(
+        "ce-bench-",
+        opts,
+        found_versions,
+        lambda n, cores, store, workdir: bench_size(n, opts, cores, store, workdir),
+        lambda reports, cores, found: render_report(reports, opts, cores, found),
+        _log_size,
+    )
 
 
 if __name__ == "__main__":
