@@ -580,8 +580,6 @@ def bench_size(n: int, opts: Options, cores: core.Cores, store: core.Store, work
     log(f"N={n}: generating {catalog_path}")
     catalog = write_catalog(n, catalog_path, opts.pairs)
     env = store.env_for(n)
-    if store.kind == "postgresql":
-        core.run_checked([core.CLUSTER_ENGINE, "db", "upgrade"], env, timeout=300)
     imported = None if opts.reuse is None else opts.reuse / f"data-{n}"
     if imported is not None:  # the database of an earlier run with --keep, copied (scenarios write)
         data_dir = Path(env["CE_DATA_DIR"])
@@ -591,11 +589,7 @@ def bench_size(n: int, opts: Options, cores: core.Cores, store: core.Store, work
         output, import_s, import_rss = f"reused the import in {imported}", 0.0, 0
         log(f"N={n}: {output}")
     else:
-        log(f"N={n}: importing {catalog.size_bytes / 1e6:.1f} MB with `cluster-engine catalog import`")
-        output, import_s, import_rss = core.run_measured(
-            [core.CLUSTER_ENGINE, "catalog", "import", str(catalog_path)], env, 6 * 3600, sizedir
-        )
-        log(f"N={n}: import took {import_s:.1f}s (peak RSS {import_rss / 1024:.0f} MiB): {output.strip()}")
+        output, import_s, import_rss = core.import_catalog(n, store, env, catalog_path, sizedir)
     if not opts.keep:
         catalog_path.unlink()
     cli_token = core.run_checked(

@@ -741,6 +741,21 @@ def _worker_rss(service: Process) -> tuple[int | None, int | None]:
     return (rss_kib(worker) if worker else None), rss_kib(service.pid)
 
 
+def import_catalog(
+    n: int, store: Store, env: dict[str, str], path: Path, sizedir: Path
+) -> tuple[str, float, int]:
+    """Migrate a PostgreSQL store, then import the catalog file ``path`` with ``cluster-engine catalog
+    import``, measured: its output, its seconds and its peak RSS in KiB."""
+    if store.kind == "postgresql":
+        run_checked([CLUSTER_ENGINE, "db", "upgrade"], env, timeout=300)
+    log(f"N={n}: importing {path.stat().st_size / 1e6:.1f} MB with `cluster-engine catalog import`")
+    output, import_s, import_rss = run_measured(
+        [CLUSTER_ENGINE, "catalog", "import", str(path)], env, 6 * 3600, sizedir
+    )
+    log(f"N={n}: import took {import_s:.1f}s (peak RSS {import_rss / 1024:.0f} MiB): {output.strip()}")
+    return output, import_s, import_rss
+
+
 def bench_size(n: int, opts: Options, cores: Cores, store: Store, workdir: Path) -> SizeReport:
     sizedir = workdir / f"n{n}"
     sizedir.mkdir()
@@ -748,13 +763,7 @@ def bench_size(n: int, opts: Options, cores: Cores, store: Store, workdir: Path)
     log(f"N={n}: generating {catalog_path}")
     info = write_catalog(n, catalog_path)
     env = store.env_for(n)
-    if store.kind == "postgresql":
-        run_checked([CLUSTER_ENGINE, "db", "upgrade"], env, timeout=300)
-    log(f"N={n}: importing {info.size_bytes / 1e6:.1f} MB with `cluster-engine catalog import`")
-    output, import_s, import_rss = run_measured(
-        [CLUSTER_ENGINE, "catalog", "import", str(catalog_path)], env, 6 * 3600, sizedir
-    )
-    log(f"N={n}: import took {import_s:.1f}s (peak RSS {import_rss / 1024:.0f} MiB): {output.strip()}")
+    output, import_s, import_rss = import_catalog(n, store, env, catalog_path, sizedir)
     token = run_checked([CLUSTER_ENGINE, "token", "--org", str(info.org), "--ttl", "12h"], env, 60).strip()
 
     processes: list[Process] = []
