@@ -44,6 +44,8 @@ with atheris.instrument_imports(include=["cluster_engine", "jwt"]):
     from cluster_engine.server.config import load_settings
     from cluster_engine.server.errors import ApiError, RequestInvalid
 
+from cluster_engine.testing.requests import BodyRequest
+
 from .common import create_body as drill_body  # after the instrumented imports: it imports them too
 
 SECRET = "fuzz-secret-" + "x" * 40  # HS256 key of the token target's verifiers
@@ -158,20 +160,9 @@ def _run_sync(coroutine: Any) -> Any:
     raise RuntimeError("the coroutine suspended")
 
 
-class _Request:
-    """What ``images.read_json`` reads of a Starlette request: the headers and the body stream."""
-
-    def __init__(self, body: bytes) -> None:
-        self.headers = {"content-length": str(len(body))}
-        self._body = body
-
-    async def stream(self) -> Any:
-        yield self._body
-
-
 def _request_body(data: bytes) -> Any:
     """The body as the service decodes it (``RequestInvalid`` when it is not JSON)."""
-    return _run_sync(images.read_json(_Request(data)))  # type: ignore[arg-type]
+    return _run_sync(images.read_json(BodyRequest(data)))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------- invariants

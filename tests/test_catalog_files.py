@@ -46,6 +46,7 @@ from cluster_engine.storage.catalog_files import (
 )
 from cluster_engine.storage.records import Ids, ImportReport, image_of_body, make_image
 from cluster_engine.storage.store import Store
+from cluster_engine.testing import image_body
 
 from .conftest import STORES, Databases
 
@@ -56,25 +57,7 @@ STORED_AT = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 def raw(name: str, **changes: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "orgId": str(ORG),
-        "idc": "us-west-1",
-        "name": name,
-        "path": f"images/{name.lower()}.qcow2",
-        "OSSeries": "Ubuntu",
-        "OSVersion": "22.04",
-        "OSArchitecture": "x86_64",
-        "BootMode": "UEFI",
-        "SystemDiskSize": "200G",
-        "DefaultPartitionTable": [
-            {"name": "EFI", "mountPoint": "/boot/efi", "size": "512M", "fileSystem": "vfat"},
-            {"name": "root", "mountPoint": "/", "size": "200G", "fileSystem": "ext4"},
-        ],
-        "icon": "https://static.example.com/os-icons/ubuntu.svg",
-        "supportedProducts": ["gpu.h100.8x"],
-    }
-    base.update(changes)
-    return base
+    return image_body(ORG, name, **changes)
 
 
 def entries(*items: dict[str, Any]) -> list[CatalogEntry]:

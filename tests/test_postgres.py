@@ -12,73 +12,66 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cluster_engine.server.catalog_entries import read_catalog_entries
 from cluster_engine.storage import db
 from cluster_engine.storage.store import Store
-from cluster_engine.testing import LiveServer, free_port
+from cluster_engine.testing import LiveServer, free_port, image_body
 from cluster_engine.testing.pgserver import PostgresServer
 
 from .conftest import STORES, VIA_PGBOUNCER, Databases
 
+T = TypeVar("T")
+PUBLISHER = "a1d2c3b4-5e6f-4a7b-8c9d-0e1f2a3b4c5d"  # the demo catalog's publisher
+
 
 def image_entry(idc: str, name: str, **overrides: Any) -> dict[str, Any]:
-    return {
-        "orgId": "a1d2c3b4-5e6f-4a7b-8c9d-0e1f2a3b4c5d",
-        "idc": idc,
-        "name": name,
-        "path": f"images/{name}.qcow2",
-        "OSSeries": "Ubuntu",
-        "OSVersion": "24.04",
-        "OSArchitecture": "x86_64",
-        "BootMode": "UEFI",
-        "SystemDiskSize": "100G",
-        "DefaultPartitionTable": [{"name": "root", "mountPoint": "/", "size": "100G", "fileSystem": "ext4"}],
-        "icon": "https://static.example.com/ubuntu.svg",
-        "supportedProducts": ["gpu.h100.8x"],
-        **overrides,
-    }
+    """A catalog entry of the demo catalog's publisher, for one product (gpu.h100.8x)."""
+    return image_body(PUBLISHER, name, **{"idc": idc, "supportedProducts": ["gpu.h100.8x"], **overrides})
 
 
 # ------------------------------------------------------------------------------------------- migrations
 
 
-def _schema_diff(url: str) -> list[Any]:
-    async def run() -> list[Any]:
+def _on_connection(url: str, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """Open an engine on ``url``, run ``work`` on one connection, dispose of the engine."""
+
+    async def run() -> T:
         engine = db.create_engine(url)
         try:
             async with engine.connect() as conn:
-                return await conn.run_sync(
-                    lambda sync: compare_metadata(
-                        MigrationContext.configure(sync, opts={"compare_type": True}), db.metadata
-                    )
-                )
+                return await work(conn)
         finally:
             await engine.dispose()
 
     return asyncio.run(run())
+
+
+def _schema_diff(url: str) -> list[Any]:
+    def compare(sync: sa.Connection) -> list[Any]:
+        return list(
+            compare_metadata(MigrationContext.configure(sync, opts={"compare_type": True}), db.metadata)
+        )
+
+    return _on_connection(url, lambda conn: conn.run_sync(compare))
 
 
 def _tables(url: str) -> set[str]:
-    async def run() -> set[str]:
-        engine = db.create_engine(url)
-        try:
-            async with engine.connect() as conn:
-                return set(await conn.run_sync(lambda sync: sa.inspect(sync).get_table_names()))
-        finally:
-            await engine.dispose()
+    async def names(conn: AsyncConnection) -> set[str]:
+        return set(await conn.run_sync(lambda sync: sa.inspect(sync).get_table_names()))
 
-    return asyncio.run(run())
+    return _on_connection(url, names)
 
 
 @pytest.mark.parametrize("store", STORES)
@@ -96,15 +89,10 @@ def test_migrations_upgrade_downgrade_upgrade_match_the_tables(
 
 
 def _rows(url: str, query: str) -> list[Any]:
-    async def run() -> list[Any]:
-        engine = db.create_engine(url)
-        try:
-            async with engine.connect() as conn:
-                return list((await conn.execute(sa.text(query))).all())
-        finally:
-            await engine.dispose()
+    async def rows(conn: AsyncConnection) -> list[Any]:
+        return list((await conn.execute(sa.text(query))).all())
 
-    return asyncio.run(run())
+    return _on_connection(url, rows)
 
 
 @pytest.mark.parametrize("store", STORES)
@@ -317,21 +305,16 @@ def test_cold_org_loads_use_an_index(store: str, databases: Databases, tmp_path:
     url = databases.url(store, tmp_path)
     db.upgrade(url)
 
-    async def plan() -> str:
-        engine = db.create_engine(url)
-        try:
-            async with engine.connect() as conn:
-                query = "SELECT * FROM images WHERE namespace = 'x'"
-                if store == "sqlite":
-                    rows = await conn.execute(sa.text(f"EXPLAIN QUERY PLAN {query}"))
-                    return " ".join(str(row[-1]) for row in rows)
-                await conn.execute(sa.text("SET enable_seqscan = off"))  # tiny tables would be scanned anyway
-                rows = await conn.execute(sa.text(f"EXPLAIN {query}"))
-                return " ".join(str(row[0]) for row in rows)
-        finally:
-            await engine.dispose()
+    async def plan(conn: AsyncConnection) -> str:
+        query = "SELECT * FROM images WHERE namespace = 'x'"
+        if store == "sqlite":
+            rows = await conn.execute(sa.text(f"EXPLAIN QUERY PLAN {query}"))
+            return " ".join(str(row[-1]) for row in rows)
+        await conn.execute(sa.text("SET enable_seqscan = off"))  # tiny tables would be scanned anyway
+        rows = await conn.execute(sa.text(f"EXPLAIN {query}"))
+        return " ".join(str(row[0]) for row in rows)
 
-    text = asyncio.run(plan())
+    text = _on_connection(url, plan)
     assert "uq_images_namespace_idc_name" in text or "autoindex_images" in text, text
     assert "SCAN images" not in text and "Seq Scan" not in text, text
 

@@ -30,6 +30,7 @@ import httpx
 import yaml
 
 from ..server.auth import mint_token
+from .samples import image_body as image_body  # the sample image body, for test authors
 
 T = TypeVar("T")
 
