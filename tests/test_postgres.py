@@ -148,18 +148,40 @@ def _write(url: str, entries: list[dict[str, Any]]) -> None:
     asyncio.run(run())
 
 
-def _wait_listed(client: httpx.Client, idc: str, name: str, deadline: float) -> float:
-    while time.monotonic() < deadline:
-        names = [image["name"] for image in client.get("/v1/images", params={"idc": idc}).json()]
-        if name in names:
-            return time.monotonic()
+FRESHNESS_BOUND = 1.0  # s: CE_FRESHNESS_BOUND's default, which these servers run with
+
+
+@dataclass
+class Listed:
+    sent: float  # when the first request whose answer listed the image was sent (monotonic)
+    stale: list[float]  # how long after the write the requests were sent that, past the bound, missed it
+
+
+def _wait_listed(client: httpx.Client, idc: str, name: str, written: float) -> Listed:
+    """Ask until an answer lists ``name``; the freshness promise is about the requests sent more than
+    the bound after the write (on a loaded machine an answer may arrive later than that, and must still
+    list it): their answers list the image, or are the contract's 503. Never listed within 10 s fails."""
+    stale: list[float] = []
+    while (sent := time.monotonic()) < written + 10:
+        response = client.get("/v1/images", params={"idc": idc})
+        if response.status_code == 503:
+            assert response.json() == {"reason": "database is unavailable"}, response.text
+        else:
+            assert response.status_code == 200, response.text
+            if name in [image["name"] for image in response.json()]:
+                return Listed(sent, stale)
+            if sent - written > FRESHNESS_BOUND:
+                stale.append(sent - written)
         time.sleep(0.005)
-    raise AssertionError(f"{name} not listed in time")
+    raise AssertionError(f"{name} not listed within 10 s of its write")
 
 
 def test_a_write_is_visible_in_every_process_within_a_second(
     databases: Databases, tmp_path: Path, demo_org: uuid.UUID
 ) -> None:
+    """Read-your-writes on the process that wrote; in the other one (2 workers), every request sent more
+    than the freshness bound after the write's 201 is answered with the image (the promise; how soon it
+    shows before that is printed, not asserted: it depends on the machine's load)."""
     url = databases.url("postgresql", tmp_path)
     with (
         LiveServer.start(tmp_path / "a", database_url=url, args=["--migrate"]) as first,
@@ -171,23 +193,25 @@ def test_a_write_is_visible_in_every_process_within_a_second(
         writer.headers["Authorization"] = f"Bearer {first.token(demo_org, scopes=['images:admin'])}"
         reader = second.client(demo_org)
         delays: list[float] = []
+        stale: list[float] = []
         for index in range(50):
             name = f"img-{index}"
             created = writer.post("/v1/images", json={**image_entry("prop-1", name), "type": "Public"})
             written = time.monotonic()
             assert created.status_code == 201, created.text
-            # read-your-writes on the process that wrote; the other one (2 workers) within the bound
             assert name in [i["name"] for i in first.client(demo_org).get("/v1/images?idc=prop-1").json()]
-            delays.append(_wait_listed(reader, "prop-1", name, written + 5) - written)
+            listed = _wait_listed(reader, "prop-1", name, written)
+            delays.append(listed.sent - written)
+            stale += listed.stale
         print(
-            f"propagation over {len(delays)} writes: median {statistics.median(delays) * 1000:.1f} ms, "
-            f"max {max(delays) * 1000:.1f} ms"
+            f"propagation over {len(delays)} writes (to the sending of the first request that listed it): "
+            f"median {statistics.median(delays) * 1000:.1f} ms, max {max(delays) * 1000:.1f} ms"
         )
-        assert max(delays) < 1.0
+        assert not stale, f"{len(stale)} answers past the bound without the image, sent {stale[:5]} s after"
         # a direct write to the database (another replica, a catalog import) propagates the same way
         _write(url, [image_entry("prop-1", "imported")])
-        written = time.monotonic()
-        assert _wait_listed(reader, "prop-1", "imported", written + 5) - written < 1.0
+        listed = _wait_listed(reader, "prop-1", "imported", time.monotonic())
+        assert not listed.stale, listed.stale
 
 
 # ---------------------------------------------------------------------------------------------- outages
