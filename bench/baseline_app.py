@@ -90,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ[ENV] = str(args.responses.resolve())
     has_uvloop = importlib.util.find_spec("uvloop") is not None
-    # Mirrors `cluster-engine serve` (cli.py): the same interface, loop, worker count and logging.
+    # Mirrors `cluster-engine serve` (cli/server.py): the same interface, loop, worker count and logging.
     Granian(
         "baseline_app:create_app",
         factory=True,

@@ -36,7 +36,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -46,6 +45,8 @@ from typing import Any
 
 import httpx
 import jwt
+
+from cluster_engine.testing.samples import image_body
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as core  # bench/run.py: catalog pieces, processes, wrk parsing, stores
@@ -272,24 +273,7 @@ def create_body(rng: random.Random, org: uuid.UUID | str) -> dict[str, Any]:
     idc = rng.choice(core.IDCS)
     products = sorted(rng.sample(core.PRODUCTS, rng.randint(2, 4)), key=core.PRODUCTS.index)
     name = f"Written-{uuid.UUID(int=rng.getrandbits(128)).hex}"
-    return {
-        "type": "Customized",
-        "idc": idc,
-        "orgId": str(org),
-        "path": f"images/{idc}/{name.lower()}.qcow2",
-        "name": name,
-        "OSSeries": "Ubuntu",
-        "OSVersion": "24.04",
-        "OSArchitecture": "x86_64",
-        "BootMode": "UEFI",
-        "SystemDiskSize": "100G",
-        "DefaultPartitionTable": [
-            {"name": "EFI", "mountPoint": "/boot/efi", "size": "512M", "fileSystem": "vfat"},
-            {"name": "root", "mountPoint": "/", "size": "100G", "fileSystem": "ext4"},
-        ],
-        "icon": "https://static.example.com/os-icons/ubuntu.svg",
-        "supportedProducts": products,
-    }
+    return image_body(org, name, type="Customized", idc=idc, supportedProducts=products)
 
 
 def writer_main(config_path: str) -> int:
@@ -596,8 +580,6 @@ def bench_size(n: int, opts: Options, cores: core.Cores, store: core.Store, work
     log(f"N={n}: generating {catalog_path}")
     catalog = write_catalog(n, catalog_path, opts.pairs)
     env = store.env_for(n)
-    if store.kind == "postgresql":
-        core.run_checked([core.CLUSTER_ENGINE, "db", "upgrade"], env, timeout=300)
     imported = None if opts.reuse is None else opts.reuse / f"data-{n}"
     if imported is not None:  # the database of an earlier run with --keep, copied (scenarios write)
         data_dir = Path(env["CE_DATA_DIR"])
@@ -607,11 +589,7 @@ def bench_size(n: int, opts: Options, cores: core.Cores, store: core.Store, work
         output, import_s, import_rss = f"reused the import in {imported}", 0.0, 0
         log(f"N={n}: {output}")
     else:
-        log(f"N={n}: importing {catalog.size_bytes / 1e6:.1f} MB with `cluster-engine catalog import`")
-        output, import_s, import_rss = core.run_measured(
-            [core.CLUSTER_ENGINE, "catalog", "import", str(catalog_path)], env, 6 * 3600, sizedir
-        )
-        log(f"N={n}: import took {import_s:.1f}s (peak RSS {import_rss / 1024:.0f} MiB): {output.strip()}")
+        output, import_s, import_rss = core.import_catalog(n, store, env, catalog_path, sizedir)
     if not opts.keep:
         catalog_path.unlink()
     cli_token = core.run_checked(
@@ -966,36 +944,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["_writer"]:
         return writer_main(argv[1])
     opts = parse_args(argv)
-    signal.signal(signal.SIGTERM, core._terminate)
-    signal.signal(signal.SIGHUP, core._terminate)
-    started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="ce-bench-orgs-"))
-    reports: list[SizeReport] = []
     found_versions = core.versions()  # at the start: src/ may change while the benchmark runs
     found_versions["source"] = found_versions.get("source", "src at ?") + _src_changes()
-    cores = core.Cores.detect()
-    try:
-        core.ensure_tools()
-        log(cores.description)
-        with core.Store(opts.store, workdir) as store:
-            for n in opts.sizes:
-                reports.append(bench_size(n, opts, cores, store, workdir))
-        text = render_report(reports, opts, cores, found_versions)
-        print(text)
-        if opts.out:
-            opts.out.write_text(text, encoding="utf-8")
-        log(f"done in {time.monotonic() - started:.0f}s")
-        return 0
-    except (core.BenchError, subprocess.SubprocessError, OSError, httpx.HTTPError) as exc:
-        log(f"FAILED: {exc.__class__.__name__}: {exc}")
-        if reports:
-            print(render_report(reports, opts, cores, found_versions))
-        return 1
-    finally:
-        if opts.keep:
-            log(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return core.run_sizes(
+        "ce-bench-orgs-",
+        opts,
+        found_versions,
+        lambda n, cores, store, workdir: bench_size(n, opts, cores, store, workdir),
+        lambda reports, cores, found: render_report(reports, opts, cores, found),
+    )
 
 
 if __name__ == "__main__":

@@ -29,37 +29,20 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 from sqlalchemy import event
 
 from cluster_engine.schemas import ImageCreateReq, ImageType
-from cluster_engine.storage.store import Actor, Store
+from cluster_engine.storage.records import Actor
+from cluster_engine.storage.store import Store
 from cluster_engine.testing.pgbouncer import PgBouncer, version
 from cluster_engine.testing.pgserver import PostgresServer
+from cluster_engine.testing.samples import image_spec
 
 ORGS, PER_ORG, PUBLIC = 20, 30, 300
 
 
 def spec(name: str, org: uuid.UUID | None = None) -> ImageCreateReq:
-    return msgspec.convert(
-        {
-            "orgId": str(org or uuid.UUID(int=1)),
-            "idc": "us-west-1",
-            "name": name,
-            "path": f"images/{name}.qcow2",
-            "OSSeries": "Ubuntu",
-            "OSVersion": "24.04",
-            "OSArchitecture": "x86_64",
-            "BootMode": "UEFI",
-            "SystemDiskSize": "100G",
-            "DefaultPartitionTable": [
-                {"name": "root", "mountPoint": "/", "size": "100G", "fileSystem": "ext4"}
-            ],
-            "icon": "https://static.example.com/ubuntu.svg",
-            "supportedProducts": ["gpu.h100.8x"],
-        },
-        ImageCreateReq,
-    )
+    return image_spec(org or uuid.UUID(int=1), name)
 
 
 async def timed(call: Callable[[], Awaitable[Any]], n: int) -> float:

@@ -25,20 +25,20 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from cluster_engine.server.pids import descendants
+from cluster_engine.testing import free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -244,12 +244,6 @@ def write_catalog(n: int, path: Path) -> CatalogInfo:
 
 
 # ---------------------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclasses.dataclass
@@ -741,6 +735,21 @@ def _worker_rss(service: Process) -> tuple[int | None, int | None]:
     return (rss_kib(worker) if worker else None), rss_kib(service.pid)
 
 
+def import_catalog(
+    n: int, store: Store, env: dict[str, str], path: Path, sizedir: Path
+) -> tuple[str, float, int]:
+    """Migrate a PostgreSQL store, then import the catalog file ``path`` with ``cluster-engine catalog
+    import``, measured: its output, its seconds and its peak RSS in KiB."""
+    if store.kind == "postgresql":
+        run_checked([CLUSTER_ENGINE, "db", "upgrade"], env, timeout=300)
+    log(f"N={n}: importing {path.stat().st_size / 1e6:.1f} MB with `cluster-engine catalog import`")
+    output, import_s, import_rss = run_measured(
+        [CLUSTER_ENGINE, "catalog", "import", str(path)], env, 6 * 3600, sizedir
+    )
+    log(f"N={n}: import took {import_s:.1f}s (peak RSS {import_rss / 1024:.0f} MiB): {output.strip()}")
+    return output, import_s, import_rss
+
+
 def bench_size(n: int, opts: Options, cores: Cores, store: Store, workdir: Path) -> SizeReport:
     sizedir = workdir / f"n{n}"
     sizedir.mkdir()
@@ -748,13 +757,7 @@ def bench_size(n: int, opts: Options, cores: Cores, store: Store, workdir: Path)
     log(f"N={n}: generating {catalog_path}")
     info = write_catalog(n, catalog_path)
     env = store.env_for(n)
-    if store.kind == "postgresql":
-        run_checked([CLUSTER_ENGINE, "db", "upgrade"], env, timeout=300)
-    log(f"N={n}: importing {info.size_bytes / 1e6:.1f} MB with `cluster-engine catalog import`")
-    output, import_s, import_rss = run_measured(
-        [CLUSTER_ENGINE, "catalog", "import", str(catalog_path)], env, 6 * 3600, sizedir
-    )
-    log(f"N={n}: import took {import_s:.1f}s (peak RSS {import_rss / 1024:.0f} MiB): {output.strip()}")
+    output, import_s, import_rss = import_catalog(n, store, env, catalog_path, sizedir)
     token = run_checked([CLUSTER_ENGINE, "token", "--org", str(info.org), "--ttl", "12h"], env, 60).strip()
 
     processes: list[Process] = []
@@ -1082,27 +1085,35 @@ def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_args(argv)
+R = TypeVar("R")
+
+
+def run_sizes(
+    prefix: str,
+    opts: Any,
+    found_versions: dict[str, str],
+    bench_size: Callable[[int, Cores, Store, Path], R],
+    render: Callable[[list[R], Cores, dict[str, str]], str],
+    on_report: Callable[[int, R], None] = lambda _n, _report: None,
+) -> int:
+    """The frame both benchmarks share: a work directory, one store, ``bench_size`` for each of
+    ``opts.sizes``, the Markdown report printed (and written to ``opts.out``), or on a failure what was
+    measured so far; SIGTERM and SIGHUP end it through the same clean-up."""
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="ce-bench-"))
-    reports: list[SizeReport] = []
-    found_versions = versions()  # at the start: src/ may change while the benchmark runs
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    reports: list[R] = []
+    cores = Cores.detect()
     try:
         ensure_tools()
-        cores = Cores.detect()
         log(cores.description)
         with Store(opts.store, workdir) as store:
             for n in opts.sizes:
-                report = bench_size(n, opts, cores, store, workdir)
+                report = bench_size(n, cores, store, workdir)
                 reports.append(report)
-                log(
-                    f"N={n}: import {report.import_s:.1f}s, worker RSS {_mib(report.rss_worker_kib)} MiB"
-                    f" ({_mib(report.rss_after_kib)} MiB after the benchmark)"
-                )
-        text = render_report(reports, opts, cores, found_versions)
+                on_report(n, report)
+        text = render(reports, cores, found_versions)
         print(text)
         if opts.out:
             opts.out.write_text(text, encoding="utf-8")
@@ -1111,13 +1122,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BenchError, subprocess.SubprocessError, OSError, httpx.HTTPError) as exc:
         log(f"FAILED: {exc.__class__.__name__}: {exc}")
         if reports:
-            print(render_report(reports, opts, Cores.detect(), found_versions))
+            print(render(reports, cores, found_versions))
         return 1
     finally:
         if opts.keep:
             log(f"work directory kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _log_size(n: int, report: SizeReport) -> None:
+    log(
+        f"N={n}: import {report.import_s:.1f}s, worker RSS {_mib(report.rss_worker_kib)} MiB"
+        f" ({_mib(report.rss_after_kib)} MiB after the benchmark)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    found_versions = versions()  # at the start: src/ may change while the benchmark runs
+    return run_sizes(
+        "ce-bench-",
+        opts,
+        found_versions,
+        lambda n, cores, store, workdir: bench_size(n, opts, cores, store, workdir),
+        lambda reports, cores, found: render_report(reports, opts, cores, found),
+        _log_size,
+    )
 
 
 if __name__ == "__main__":

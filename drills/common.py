@@ -27,8 +27,9 @@ import sqlalchemy as sa
 from cluster_engine.server.auth import mint_token
 from cluster_engine.server.pids import descendants
 from cluster_engine.storage.db import audit_log, images
-from cluster_engine.storage.store import Store, image_from_row, image_of_body
-from cluster_engine.testing import LiveServer
+from cluster_engine.storage.records import image_from_row, image_of_body
+from cluster_engine.storage.store import Store
+from cluster_engine.testing import LiveServer, image_body
 
 IDCS = ("us-west-1", "us-east-1", "eu-central-1", "ap-southeast-1")
 PRODUCTS = ("gpu.h100.8x", "gpu.b200.8x", "gpu.a100.8x", "gpu.l40s.4x", "gpu.h200.8x", "gpu.mi300x.8x")
@@ -89,23 +90,7 @@ def seed_catalog(path: Path, *, public: int = 60, orgs: int = 20, per_org: int =
 
 
 def create_body(owner: uuid.UUID, *, name: str, idc: str = "us-west-1") -> dict[str, Any]:
-    return {
-        "idc": idc,
-        "orgId": str(owner),
-        "path": f"images/{name}.qcow2",
-        "name": name,
-        "OSSeries": "Ubuntu",
-        "OSVersion": "22.04",
-        "OSArchitecture": "x86_64",
-        "BootMode": "UEFI",
-        "SystemDiskSize": "200G",
-        "DefaultPartitionTable": [
-            {"name": "EFI", "mountPoint": "/boot/efi", "size": "512M", "fileSystem": "vfat"},
-            {"name": "root", "mountPoint": "/", "size": "199G", "fileSystem": "ext4"},
-        ],
-        "icon": "https://static.example.com/ubuntu.svg",
-        "supportedProducts": ["gpu.h100.8x", "gpu.b200.8x"],
-    }
+    return image_body(owner, name, idc=idc, path=f"images/{name}.qcow2")
 
 
 # ------------------------------------------------------------------------------------------- ledger

@@ -39,10 +39,12 @@ with atheris.instrument_imports(include=["cluster_engine", "jwt"]):
     import jwt
 
     from cluster_engine.schemas import json_encoder
-    from cluster_engine.server import hotpath, images, validation
+    from cluster_engine.server import bodies, catalog_entries, hotpath, images, validation
     from cluster_engine.server.auth import Verifier
     from cluster_engine.server.config import load_settings
     from cluster_engine.server.errors import ApiError, RequestInvalid
+
+from cluster_engine.testing.requests import BodyRequest
 
 from .common import create_body as drill_body  # after the instrumented imports: it imports them too
 
@@ -158,20 +160,9 @@ def _run_sync(coroutine: Any) -> Any:
     raise RuntimeError("the coroutine suspended")
 
 
-class _Request:
-    """What ``images.read_json`` reads of a Starlette request: the headers and the body stream."""
-
-    def __init__(self, body: bytes) -> None:
-        self.headers = {"content-length": str(len(body))}
-        self._body = body
-
-    async def stream(self) -> Any:
-        yield self._body
-
-
 def _request_body(data: bytes) -> Any:
     """The body as the service decodes it (``RequestInvalid`` when it is not JSON)."""
-    return _run_sync(images.read_json(_Request(data)))  # type: ignore[arg-type]
+    return _run_sync(images.read_json(BodyRequest(data)))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------- invariants
@@ -263,21 +254,21 @@ def bodies_target(data: bytes) -> None:
         return
     mode, rest = data[0] % 3, data[1:]
     if mode == 0:
-        spec, _type = validation.read_create_request(_request_body(rest))
+        spec, _type = bodies.read_create_request(_request_body(rest))
         _check_spec(spec)
     elif mode == 1:
-        _check_spec(validation.read_patch(current_image(), _request_body(rest)))
+        _check_spec(bodies.read_patch(current_image(), _request_body(rest)))
     else:
         fdp = atheris.FuzzedDataProvider(rest)
         body = _mutated_body(fdp)
         which = fdp.ConsumeIntInRange(0, 2)
         if which == 0:
-            spec, _type = validation.read_create_request(body)
+            spec, _type = bodies.read_create_request(body)
             _check_spec(spec)
         elif which == 1:
-            _check_spec(validation.read_patch(current_image(), body))
+            _check_spec(bodies.read_patch(current_image(), body))
         else:
-            for entry in validation.read_catalog_entries([body]):
+            for entry in catalog_entries.read_catalog_entries([body]):
                 _check_spec(entry.spec)
 
 

@@ -26,13 +26,13 @@ from hypothesis import strategies as st
 
 from cluster_engine.cli.main import main
 from cluster_engine.schemas import ImageBootMode, ImageResp, ImageType, Partition, json_encoder
-from cluster_engine.server.errors import Conflict, RequestInvalid
-from cluster_engine.server.validation import (
+from cluster_engine.server.catalog_entries import (
     CatalogEntry,
     _checked_catalog_entry,
     _fast_catalog_entry,
     read_catalog_entries,
 )
+from cluster_engine.server.errors import Conflict, RequestInvalid
 from cluster_engine.storage import catalog_files, db
 from cluster_engine.storage.catalog_files import (
     CatalogFileError,
@@ -42,8 +42,11 @@ from cluster_engine.storage.catalog_files import (
     Progress,
     Write,
     body_digest,
+    exporting,
 )
-from cluster_engine.storage.store import Ids, ImportReport, Store, image_of_body, make_image
+from cluster_engine.storage.records import Ids, ImportReport, image_of_body, make_image
+from cluster_engine.storage.store import Store
+from cluster_engine.testing import image_body
 
 from .conftest import STORES, Databases
 
@@ -54,25 +57,7 @@ STORED_AT = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 def raw(name: str, **changes: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "orgId": str(ORG),
-        "idc": "us-west-1",
-        "name": name,
-        "path": f"images/{name.lower()}.qcow2",
-        "OSSeries": "Ubuntu",
-        "OSVersion": "22.04",
-        "OSArchitecture": "x86_64",
-        "BootMode": "UEFI",
-        "SystemDiskSize": "200G",
-        "DefaultPartitionTable": [
-            {"name": "EFI", "mountPoint": "/boot/efi", "size": "512M", "fileSystem": "vfat"},
-            {"name": "root", "mountPoint": "/", "size": "200G", "fileSystem": "ext4"},
-        ],
-        "icon": "https://static.example.com/os-icons/ubuntu.svg",
-        "supportedProducts": ["gpu.h100.8x"],
-    }
-    base.update(changes)
-    return base
+    return image_body(ORG, name, **changes)
 
 
 def entries(*items: dict[str, Any]) -> list[CatalogEntry]:
@@ -258,7 +243,7 @@ def test_the_rendered_body_is_the_stored_one() -> None:
     image_id = uuid.uuid4()
     created = entry.created_at or NOW
     wanted = json_encoder.encode(make_image(image_id, entry.type, entry.spec, created))
-    assert catalog_files._render(image_id, entry, created) == wanted
+    assert catalog_files.planning._render(image_id, entry, created) == wanted
 
 
 def problems(call: Callable[[], Any]) -> list[str]:
@@ -373,7 +358,7 @@ def read_items(data: bytes, *, pipe: bool = False) -> tuple[list[Any], CatalogSo
     source = CatalogSource(file, "catalog")
     try:
         return list(source.items()), source
-    except catalog_files._NotJson as problem:
+    except catalog_files.reading._NotJson as problem:
         again = source.as_yaml(problem)
         return list(again.items()), again
 
@@ -389,7 +374,7 @@ def as_read(items: list[Any]) -> list[Any]:
 
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(catalog_files, "JSON_BLOCK", 700)
+    monkeypatch.setattr(catalog_files.reading, "JSON_BLOCK", 700)
 
 
 @pytest.mark.parametrize("pipe", [False, True])
@@ -411,7 +396,7 @@ def test_empty_json_arrays(content: bytes, small_blocks: None) -> None:
 
 
 def test_what_cannot_be_cut_is_read_by_ijson(monkeypatch: pytest.MonkeyPatch, small_blocks: None) -> None:
-    monkeypatch.setattr(catalog_files, "JSON_PENDING_MAX", 1000)
+    monkeypatch.setattr(catalog_files.reading, "JSON_PENDING_MAX", 1000)
     items = [list(range(300)), raw("A"), "text"]  # no "}," to cut at in the first 1000 bytes
     found, _ = read_items(json.dumps(items).encode())
     assert as_read(found) == as_read(items)
@@ -423,7 +408,7 @@ def test_what_cannot_be_cut_is_read_by_ijson(monkeypatch: pytest.MonkeyPatch, sm
 )
 def test_json_that_is_not(content: bytes, small_blocks: None) -> None:
     source = CatalogSource(io.BytesIO(content * 1 if len(content) > 700 else b" " * 800 + content), "c")
-    with pytest.raises(catalog_files._NotJson):
+    with pytest.raises(catalog_files.reading._NotJson):
         list(source.items())
 
 
@@ -434,7 +419,7 @@ def test_yaml_flow_style_that_looks_like_json_is_read_as_yaml(pipe: bool) -> Non
 
 
 def test_a_large_file_that_starts_like_json_is_json_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(catalog_files, "YAML_RETRY_BYTES", 1000)
+    monkeypatch.setattr(catalog_files.reading, "YAML_RETRY_BYTES", 1000)
     data = json.dumps([raw(f"I-{i}") for i in range(20)]).encode()[:-40]  # cut off
     with pytest.raises(CatalogFileError, match=r"catalog: not valid YAML or JSON: .* read as JSON only"):
         read_items(data)
@@ -530,7 +515,7 @@ def test_exports_write_what_the_whole_list_did(output: str, batch: int) -> None:
     images = list(odd_images())
     for chosen in (images, images[:1], []):
         out = io.BytesIO()
-        writer: Any = catalog_files._JsonList(out) if output == "json" else catalog_files._YamlList(out)
+        writer: Any = exporting._JsonList(out) if output == "json" else exporting._YamlList(out)
         bodies = [json_encoder.encode(image) for image in chosen]
         for start in range(0, len(bodies), batch):
             writer.write(bodies[start : start + batch])
@@ -649,7 +634,7 @@ def test_export_writes_what_it_wrote_before(cli: Run, tmp_path: Path, url: str, 
 def test_problems_beyond_the_kept_are_counted(
     cli: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(catalog_files, "PROBLEMS_KEPT", 3)
+    monkeypatch.setattr(catalog_files.shared, "PROBLEMS_KEPT", 3)
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([raw(f"I-{i}", idc="bad idc") for i in range(5)]))
     code, out, err = cli("catalog", "import", str(path))

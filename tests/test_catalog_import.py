@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from cluster_engine.cli.main import main
 from cluster_engine.storage.store import Store
-from cluster_engine.testing import LiveServer
+from cluster_engine.testing import LiveServer, image_body
 
 ORG_A = uuid.UUID("0b7e2f52-4c1a-4d52-9a57-2f1c3c2d9e01")
 ORG_B = uuid.UUID("5d6c8a0e-9b1f-4e2a-8c3d-7f6e5d4c3b2a")
@@ -32,23 +32,9 @@ ID_3 = "c4a1e0a8-8a52-4a3c-9d0b-3c0e6f1b2d44"
 
 
 def entry(name: str, **changes: Any) -> dict[str, Any]:
-    """A valid catalog entry (Public by default in files, so ``type`` is left out unless given)."""
-    base: dict[str, Any] = {
-        "orgId": str(ORG_A),
-        "idc": "us-west-1",
-        "name": name,
-        "path": f"images/{name.lower()}.qcow2",
-        "OSSeries": "Ubuntu",
-        "OSVersion": "22.04",
-        "OSArchitecture": "x86_64",
-        "BootMode": "UEFI",
-        "SystemDiskSize": "200G",
-        "DefaultPartitionTable": [{"name": "root", "mountPoint": "/", "size": "200G", "fileSystem": "ext4"}],
-        "icon": "https://static.example.com/os-icons/ubuntu.svg",
-        "supportedProducts": ["gpu.h100.8x"],
-    }
-    base.update(changes)
-    return base
+    """A valid catalog entry (Public by default in files, so ``type`` is left out unless given), for one
+    product (gpu.h100.8x) so that a filter on another finds only the entries that name it."""
+    return image_body(ORG_A, name, **{"supportedProducts": ["gpu.h100.8x"], **changes})
 
 
 def write(directory: Path, entries: Any, suffix: str = ".yaml") -> Path:

@@ -28,7 +28,7 @@ from click.testing import CliRunner, Result
 from cluster_engine.cli import images as client_cli
 from cluster_engine.cli.main import main
 from cluster_engine.client import _sync
-from cluster_engine.testing import LiveServer, free_port
+from cluster_engine.testing import LiveServer, free_port, image_body
 
 WRITE, ADMIN = "images:write", "images:admin"
 READER = uuid.UUID("6a1f3c2e-5b4d-4e8f-9a7b-1c2d3e4f5a6b")
@@ -40,23 +40,17 @@ SCRIPT = Path(sys.executable).with_name("cluster-engine")
 def entry(
     image_id: str, idc: str, name: str, os_: tuple[str, str], products: list[str], **extra: Any
 ) -> dict[str, Any]:
-    return {
-        "id": image_id,
-        "type": "Public",
-        "orgId": str(PUBLISHER),
-        "idc": idc,
-        "name": name,
-        "path": f"images/{idc}/{name.lower()}.qcow2",
-        "OSSeries": os_[0],
-        "OSVersion": os_[1],
-        "OSArchitecture": "x86_64",
-        "BootMode": "UEFI",
-        "SystemDiskSize": "200G",
-        "DefaultPartitionTable": [{"name": "root", "mountPoint": "/", "size": "200G", "fileSystem": "ext4"}],
-        "icon": "https://static.example.com/os.svg",
-        "supportedProducts": products,
-        **extra,
-    }
+    return image_body(
+        PUBLISHER,
+        name,
+        id=image_id,
+        idc=idc,
+        path=f"images/{idc}/{name.lower()}.qcow2",
+        OSSeries=os_[0],
+        OSVersion=os_[1],
+        supportedProducts=products,
+        **{"type": "Public", **extra},
+    )
 
 
 CATALOG = [

@@ -14,7 +14,7 @@ it didn't catch (and its ``repr`` fallback would raise it too): 500 again (fixed
 
 Schemathesis (5,000 examples per operation): ``PATCH /v1/images/{id}`` with ``{"type": {}}`` was valid
 against the served ``ImagePatch`` schema (which didn't declare the immutable fields, and allows other
-properties), but the service answers 400 ``readonly`` (``validation.IMMUTABLE_FIELDS``): a schema-valid
+properties), but the service answers 400 ``readonly`` (``bodies.IMMUTABLE_FIELDS``): a schema-valid
 request rejected (fixed: the document declares them ``readOnly``; the test passes however the two are
 made to agree).
 """
@@ -31,9 +31,10 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
 from cluster_engine.cli.main import DEMO_ORG, demo_catalog
-from cluster_engine.server import images, openapi, validation
+from cluster_engine.server import bodies, images, openapi
 from cluster_engine.server.errors import RequestInvalid
 from cluster_engine.testing import LiveServer
+from cluster_engine.testing.requests import BodyRequest
 
 NOT_UTF8 = b'{"name": "\xff"}'  # the fuzzer's was a create body with \xff bytes in "path"
 SURROGATE = b'{"name": "\xed\xa0\x80"}'  # a UTF-8-encoded surrogate: not valid UTF-8 either
@@ -41,21 +42,10 @@ TOO_DEEP = b"[" * 5000 + b"]" * 5000  # 10 KB, far below the 1 MiB body limit
 BODIES = {"not-utf8": NOT_UTF8, "surrogate": SURROGATE, "too-deep": TOO_DEEP}
 
 
-class _Request:
-    """What ``images.read_json`` reads of a request: its headers and its body stream."""
-
-    def __init__(self, body: bytes) -> None:
-        self.headers = {"content-length": str(len(body))}
-        self._body = body
-
-    async def stream(self) -> Any:
-        yield self._body
-
-
 @pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
 def test_read_json_refuses_what_is_not_json_with_400(body: bytes) -> None:
     with pytest.raises(RequestInvalid) as raised:
-        asyncio.run(images.read_json(_Request(body)))  # type: ignore[arg-type]
+        asyncio.run(images.read_json(BodyRequest(body)))  # type: ignore[arg-type]
     assert [d.field for d in raised.value.details] == ["body"]
 
 
@@ -91,7 +81,7 @@ def test_validators_report_deeply_nested_values_without_crashing() -> None:
         "name": _nested(5000),
     }
     with pytest.raises(RequestInvalid) as raised:
-        validation.read_create_request(body)
+        bodies.read_create_request(body)
     raised.value.body()  # what the service sends must encode
     assert [d.field for d in raised.value.details] == ["name"]
 

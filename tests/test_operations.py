@@ -251,27 +251,34 @@ def test_docs_page_renders_the_list_operation_offline(
 
 
 def test_sigterm_finishes_accepted_requests_and_exits_0(tmp_path: Path) -> None:
+    """SIGTERM under load: exit 0 within 10 s, and every request the server took was answered in full.
+    Which requests the server took is read from its access log (each request carries its own
+    X-Request-ID), not guessed from the client's clock: a client thread can be descheduled between
+    noting the time and sending, so on a loaded machine a request "started" before the signal may reach
+    the server after it, where a keep-alive connection being closed refuses it (the keep-alive race a
+    client retries)."""
     server = LiveServer.start(tmp_path, args=["--demo", "--workers", "2"])
     org = uuid.uuid4()
     token = server.token(org)
-    results: list[tuple[float, float, str]] = []  # (started, finished, outcome)
+    results: list[tuple[float, str, str]] = []  # (started, request id, outcome)
     stop = threading.Event()
 
-    def load() -> None:
+    def load(worker: int) -> None:
         with httpx.Client(
             base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=5
         ) as client:
-            for _ in range(5000):
+            for i in range(5000):
                 if stop.is_set():
                     return
+                request_id = f"sigterm-{worker}-{i}"
                 started = time.monotonic()
                 try:
-                    outcome = str(client.get("/v1/images").status_code)
+                    outcome = str(client.get("/v1/images", headers={"X-Request-ID": request_id}).status_code)
                 except httpx.HTTPError as exc:
                     outcome = type(exc).__name__
-                results.append((started, time.monotonic(), outcome))
+                results.append((started, request_id, outcome))
 
-    threads = [threading.Thread(target=load) for _ in range(4)]
+    threads = [threading.Thread(target=load, args=(n,)) for n in range(4)]
     try:
         for thread in threads:
             thread.start()
@@ -289,13 +296,26 @@ def test_sigterm_finishes_accepted_requests_and_exits_0(tmp_path: Path) -> None:
             thread.join(10)
         server.stop()
     assert code == 0, server.log()[-2000:]
-    # every request sent before the signal (with a few ms for it to reach the server) got its full answer
-    before = [outcome for started, finished, outcome in results if started < signalled - 0.005]
-    assert len(before) > 50 and set(before) == {"200"}, sorted(set(before))
-    # requests answered while shutting down were answered in full; refused ones never got a partial answer
-    during = [outcome for started, finished, outcome in results if signalled <= started < stopped]
-    assert set(during) <= {"200", "ConnectError", "RemoteProtocolError", "ReadError"}, set(during)
     assert stopped - signalled < 10
+    answered = {}  # request id -> the status the server logged for it
+    for line in server.log().splitlines():
+        if line.startswith("{") and '"requestId":"sigterm-' in line:
+            entry = json.loads(line)
+            answered[entry["requestId"]] = str(entry["status"])
+    # every request the server took and answered reached its client in full, with that status
+    lost = [
+        (rid, outcome, answered[rid])
+        for _, rid, outcome in results
+        if rid in answered and outcome != answered[rid]
+    ]
+    assert not lost, lost[:5]
+    # the requests before the signal were answered (200); any other outcome is a connection-level
+    # refusal of a request the server never took, never a partial or wrong answer
+    before = [outcome for started, _, outcome in results if started < signalled]
+    assert before.count("200") > 50, sorted(set(before))
+    refused = {outcome for _, rid, outcome in results if rid not in answered}
+    assert refused <= {"ConnectError", "RemoteProtocolError", "ReadError"}, refused
+    assert all(answered[rid] == "200" for _, rid, _ in results if rid in answered), set(answered.values())
 
 
 def test_slow_clients_do_not_starve_the_others(demo_server: LiveServer, demo_org: uuid.UUID) -> None:

@@ -31,10 +31,12 @@ from sqlalchemy.engine import make_url
 from cluster_engine.schemas import ImageCreateReq, ImageType
 from cluster_engine.server.config import ConfigError, load_settings
 from cluster_engine.storage import db
-from cluster_engine.storage.store import Actor, Store
+from cluster_engine.storage.records import Actor
+from cluster_engine.storage.store import Store
 from cluster_engine.testing import LiveServer, free_port
 from cluster_engine.testing.pgbouncer import PgBouncer, PgBouncerUnavailable
 from cluster_engine.testing.pgserver import PostgresServer, PostgresUnavailable, create_database
+from cluster_engine.testing.samples import image_spec
 
 from .conftest import IN_CI
 
@@ -64,25 +66,7 @@ def run_callback(bouncer: PgBouncer, database: str, role: str, **extra: str) -> 
 
 
 def spec(name: str, org: uuid.UUID | None = None, idc: str = "us-west-1") -> ImageCreateReq:
-    return msgspec.convert(
-        {
-            "orgId": str(org or uuid.UUID(int=1)),
-            "idc": idc,
-            "name": name,
-            "path": f"images/{name}.qcow2",
-            "OSSeries": "Ubuntu",
-            "OSVersion": "24.04",
-            "OSArchitecture": "x86_64",
-            "BootMode": "UEFI",
-            "SystemDiskSize": "100G",
-            "DefaultPartitionTable": [
-                {"name": "root", "mountPoint": "/", "size": "100G", "fileSystem": "ext4"}
-            ],
-            "icon": "https://static.example.com/ubuntu.svg",
-            "supportedProducts": ["gpu.h100.8x"],
-        },
-        ImageCreateReq,
-    )
+    return image_spec(org or uuid.UUID(int=1), name, idc=idc)
 
 
 async def create(

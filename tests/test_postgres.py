@@ -12,73 +12,66 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cluster_engine.server.validation import read_catalog_entries
+from cluster_engine.server.catalog_entries import read_catalog_entries
 from cluster_engine.storage import db
 from cluster_engine.storage.store import Store
-from cluster_engine.testing import LiveServer, free_port
+from cluster_engine.testing import LiveServer, free_port, image_body
 from cluster_engine.testing.pgserver import PostgresServer
 
 from .conftest import STORES, VIA_PGBOUNCER, Databases
 
+T = TypeVar("T")
+PUBLISHER = "a1d2c3b4-5e6f-4a7b-8c9d-0e1f2a3b4c5d"  # the demo catalog's publisher
+
 
 def image_entry(idc: str, name: str, **overrides: Any) -> dict[str, Any]:
-    return {
-        "orgId": "a1d2c3b4-5e6f-4a7b-8c9d-0e1f2a3b4c5d",
-        "idc": idc,
-        "name": name,
-        "path": f"images/{name}.qcow2",
-        "OSSeries": "Ubuntu",
-        "OSVersion": "24.04",
-        "OSArchitecture": "x86_64",
-        "BootMode": "UEFI",
-        "SystemDiskSize": "100G",
-        "DefaultPartitionTable": [{"name": "root", "mountPoint": "/", "size": "100G", "fileSystem": "ext4"}],
-        "icon": "https://static.example.com/ubuntu.svg",
-        "supportedProducts": ["gpu.h100.8x"],
-        **overrides,
-    }
+    """A catalog entry of the demo catalog's publisher, for one product (gpu.h100.8x)."""
+    return image_body(PUBLISHER, name, **{"idc": idc, "supportedProducts": ["gpu.h100.8x"], **overrides})
 
 
 # ------------------------------------------------------------------------------------------- migrations
 
 
-def _schema_diff(url: str) -> list[Any]:
-    async def run() -> list[Any]:
+def _on_connection(url: str, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """Open an engine on ``url``, run ``work`` on one connection, dispose of the engine."""
+
+    async def run() -> T:
         engine = db.create_engine(url)
         try:
             async with engine.connect() as conn:
-                return await conn.run_sync(
-                    lambda sync: compare_metadata(
-                        MigrationContext.configure(sync, opts={"compare_type": True}), db.metadata
-                    )
-                )
+                return await work(conn)
         finally:
             await engine.dispose()
 
     return asyncio.run(run())
+
+
+def _schema_diff(url: str) -> list[Any]:
+    def compare(sync: sa.Connection) -> list[Any]:
+        return list(
+            compare_metadata(MigrationContext.configure(sync, opts={"compare_type": True}), db.metadata)
+        )
+
+    return _on_connection(url, lambda conn: conn.run_sync(compare))
 
 
 def _tables(url: str) -> set[str]:
-    async def run() -> set[str]:
-        engine = db.create_engine(url)
-        try:
-            async with engine.connect() as conn:
-                return set(await conn.run_sync(lambda sync: sa.inspect(sync).get_table_names()))
-        finally:
-            await engine.dispose()
+    async def names(conn: AsyncConnection) -> set[str]:
+        return set(await conn.run_sync(lambda sync: sa.inspect(sync).get_table_names()))
 
-    return asyncio.run(run())
+    return _on_connection(url, names)
 
 
 @pytest.mark.parametrize("store", STORES)
@@ -96,15 +89,10 @@ def test_migrations_upgrade_downgrade_upgrade_match_the_tables(
 
 
 def _rows(url: str, query: str) -> list[Any]:
-    async def run() -> list[Any]:
-        engine = db.create_engine(url)
-        try:
-            async with engine.connect() as conn:
-                return list((await conn.execute(sa.text(query))).all())
-        finally:
-            await engine.dispose()
+    async def rows(conn: AsyncConnection) -> list[Any]:
+        return list((await conn.execute(sa.text(query))).all())
 
-    return asyncio.run(run())
+    return _on_connection(url, rows)
 
 
 @pytest.mark.parametrize("store", STORES)
@@ -160,18 +148,40 @@ def _write(url: str, entries: list[dict[str, Any]]) -> None:
     asyncio.run(run())
 
 
-def _wait_listed(client: httpx.Client, idc: str, name: str, deadline: float) -> float:
-    while time.monotonic() < deadline:
-        names = [image["name"] for image in client.get("/v1/images", params={"idc": idc}).json()]
-        if name in names:
-            return time.monotonic()
+FRESHNESS_BOUND = 1.0  # s: CE_FRESHNESS_BOUND's default, which these servers run with
+
+
+@dataclass
+class Listed:
+    sent: float  # when the first request whose answer listed the image was sent (monotonic)
+    stale: list[float]  # how long after the write the requests were sent that, past the bound, missed it
+
+
+def _wait_listed(client: httpx.Client, idc: str, name: str, written: float) -> Listed:
+    """Ask until an answer lists ``name``; the freshness promise is about the requests sent more than
+    the bound after the write (on a loaded machine an answer may arrive later than that, and must still
+    list it): their answers list the image, or are the contract's 503. Never listed within 10 s fails."""
+    stale: list[float] = []
+    while (sent := time.monotonic()) < written + 10:
+        response = client.get("/v1/images", params={"idc": idc})
+        if response.status_code == 503:
+            assert response.json() == {"reason": "database is unavailable"}, response.text
+        else:
+            assert response.status_code == 200, response.text
+            if name in [image["name"] for image in response.json()]:
+                return Listed(sent, stale)
+            if sent - written > FRESHNESS_BOUND:
+                stale.append(sent - written)
         time.sleep(0.005)
-    raise AssertionError(f"{name} not listed in time")
+    raise AssertionError(f"{name} not listed within 10 s of its write")
 
 
 def test_a_write_is_visible_in_every_process_within_a_second(
     databases: Databases, tmp_path: Path, demo_org: uuid.UUID
 ) -> None:
+    """Read-your-writes on the process that wrote; in the other one (2 workers), every request sent more
+    than the freshness bound after the write's 201 is answered with the image (the promise; how soon it
+    shows before that is printed, not asserted: it depends on the machine's load)."""
     url = databases.url("postgresql", tmp_path)
     with (
         LiveServer.start(tmp_path / "a", database_url=url, args=["--migrate"]) as first,
@@ -183,23 +193,25 @@ def test_a_write_is_visible_in_every_process_within_a_second(
         writer.headers["Authorization"] = f"Bearer {first.token(demo_org, scopes=['images:admin'])}"
         reader = second.client(demo_org)
         delays: list[float] = []
+        stale: list[float] = []
         for index in range(50):
             name = f"img-{index}"
             created = writer.post("/v1/images", json={**image_entry("prop-1", name), "type": "Public"})
             written = time.monotonic()
             assert created.status_code == 201, created.text
-            # read-your-writes on the process that wrote; the other one (2 workers) within the bound
             assert name in [i["name"] for i in first.client(demo_org).get("/v1/images?idc=prop-1").json()]
-            delays.append(_wait_listed(reader, "prop-1", name, written + 5) - written)
+            listed = _wait_listed(reader, "prop-1", name, written)
+            delays.append(listed.sent - written)
+            stale += listed.stale
         print(
-            f"propagation over {len(delays)} writes: median {statistics.median(delays) * 1000:.1f} ms, "
-            f"max {max(delays) * 1000:.1f} ms"
+            f"propagation over {len(delays)} writes (to the sending of the first request that listed it): "
+            f"median {statistics.median(delays) * 1000:.1f} ms, max {max(delays) * 1000:.1f} ms"
         )
-        assert max(delays) < 1.0
+        assert not stale, f"{len(stale)} answers past the bound without the image, sent {stale[:5]} s after"
         # a direct write to the database (another replica, a catalog import) propagates the same way
         _write(url, [image_entry("prop-1", "imported")])
-        written = time.monotonic()
-        assert _wait_listed(reader, "prop-1", "imported", written + 5) - written < 1.0
+        listed = _wait_listed(reader, "prop-1", "imported", time.monotonic())
+        assert not listed.stale, listed.stale
 
 
 # ---------------------------------------------------------------------------------------------- outages
@@ -317,21 +329,16 @@ def test_cold_org_loads_use_an_index(store: str, databases: Databases, tmp_path:
     url = databases.url(store, tmp_path)
     db.upgrade(url)
 
-    async def plan() -> str:
-        engine = db.create_engine(url)
-        try:
-            async with engine.connect() as conn:
-                query = "SELECT * FROM images WHERE namespace = 'x'"
-                if store == "sqlite":
-                    rows = await conn.execute(sa.text(f"EXPLAIN QUERY PLAN {query}"))
-                    return " ".join(str(row[-1]) for row in rows)
-                await conn.execute(sa.text("SET enable_seqscan = off"))  # tiny tables would be scanned anyway
-                rows = await conn.execute(sa.text(f"EXPLAIN {query}"))
-                return " ".join(str(row[0]) for row in rows)
-        finally:
-            await engine.dispose()
+    async def plan(conn: AsyncConnection) -> str:
+        query = "SELECT * FROM images WHERE namespace = 'x'"
+        if store == "sqlite":
+            rows = await conn.execute(sa.text(f"EXPLAIN QUERY PLAN {query}"))
+            return " ".join(str(row[-1]) for row in rows)
+        await conn.execute(sa.text("SET enable_seqscan = off"))  # tiny tables would be scanned anyway
+        rows = await conn.execute(sa.text(f"EXPLAIN {query}"))
+        return " ".join(str(row[0]) for row in rows)
 
-    text = asyncio.run(plan())
+    text = _on_connection(url, plan)
     assert "uq_images_namespace_idc_name" in text or "autoindex_images" in text, text
     assert "SCAN images" not in text and "Seq Scan" not in text, text
 

@@ -32,7 +32,7 @@ from cluster_engine.server.auth import Principal
 from cluster_engine.server.catalog import Catalog, Rendered
 from cluster_engine.server.errors import Unavailable
 from cluster_engine.server.visibility import can_see_namespace
-from cluster_engine.storage.store import Changes, Namespace, Stored
+from cluster_engine.storage.records import Changes, Namespace, Stored
 from cluster_engine.testing import LiveServer
 
 ORGS = [

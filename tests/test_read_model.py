@@ -20,9 +20,11 @@ import pytest
 from cluster_engine.schemas import ImageCreateReq, ImageResp, ImageType
 from cluster_engine.server import catalog as read_model
 from cluster_engine.server.catalog import Catalog
-from cluster_engine.server.validation import ListQuery, read_catalog_entries
+from cluster_engine.server.catalog_entries import read_catalog_entries
+from cluster_engine.server.validation import ListQuery
 from cluster_engine.storage import db
-from cluster_engine.storage.store import Actor, Namespace, Store
+from cluster_engine.storage.records import Actor, Namespace
+from cluster_engine.storage.store import Store
 
 from .conftest import STORES, Databases
 from .test_properties import BASE, FakeStore, version
@@ -65,6 +67,16 @@ def populated(orgs: int = ORG_COUNT, per_org: int = 3) -> CountingStore:
     return store
 
 
+async def refreshed() -> tuple[CountingStore, Catalog]:
+    """A populated store and a catalog on it, refreshed (it knows the orgs), with no org loaded yet and
+    the store's load count at zero."""
+    store = populated()
+    catalog = Catalog(store)  # type: ignore[arg-type]
+    await catalog.refresh()
+    store.loads.clear()
+    return store, catalog
+
+
 def names(rendered: Any) -> list[str]:
     return [item["name"] for item in json.loads(rendered.body)]
 
@@ -74,10 +86,7 @@ def names(rendered: Any) -> list[str]:
 
 def test_a_burst_of_first_requests_shares_few_queries() -> None:
     async def run() -> None:
-        store = populated()
-        catalog = Catalog(store)  # type: ignore[arg-type]
-        await catalog.refresh()
-        store.loads.clear()
+        store, catalog = await refreshed()
         shelves = await asyncio.gather(*(catalog.load_org(str(org(o))) for o in range(1, ORG_COUNT + 1)))
         assert [len(shelf) for shelf in shelves] == [3] * ORG_COUNT
         # requests arriving together share one query (the second loader finds nothing left to take)
@@ -93,10 +102,7 @@ def test_loads_never_wait_behind_a_batch_larger_than_the_limit(monkeypatch: pyte
     monkeypatch.setattr(read_model, "LOAD_BATCH", 4)
 
     async def run() -> None:
-        store = populated()
-        catalog = Catalog(store)  # type: ignore[arg-type]
-        await catalog.refresh()
-        store.loads.clear()
+        store, catalog = await refreshed()
         await asyncio.gather(*(catalog.load_org(str(org(o))) for o in range(1, ORG_COUNT + 1)))
         assert max(len(batch) for batch in store.loads) == 4
         assert catalog.held()["orgs"] == ORG_COUNT
@@ -154,10 +160,7 @@ def test_a_failed_batch_answers_every_waiter_unavailable_and_the_next_request_re
 
 def test_preload_holds_every_org_and_a_complete_catalog_needs_no_query_for_others() -> None:
     async def run() -> None:
-        store = populated()
-        catalog = Catalog(store)  # type: ignore[arg-type]
-        await catalog.refresh()
-        store.loads.clear()
+        store, catalog = await refreshed()
         await catalog.preload(batch=7)
         assert catalog.complete and catalog.held() == {
             "Public": 2,

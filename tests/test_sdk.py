@@ -46,32 +46,14 @@ from cluster_engine.client import (
     errors,
 )
 from cluster_engine.client._base import parse_retry_after
-from cluster_engine.testing import LiveServer, free_port
+from cluster_engine.testing import LiveServer, free_port, image_body
 
 WRITE, ADMIN = "images:write", "images:admin"
 
 
 def spec(org: uuid.UUID, **overrides: Any) -> dict[str, Any]:
     """A valid ImageCreateReq body for ``org``."""
-    body: dict[str, Any] = {
-        "idc": "us-west-1",
-        "orgId": str(org),
-        "path": "images/ubuntu-24.04.qcow2",
-        "name": "Ubuntu-24.04",
-        "OSSeries": "Ubuntu",
-        "OSVersion": "24.04",
-        "OSArchitecture": "x86_64",
-        "BootMode": "UEFI",
-        "SystemDiskSize": "200G",
-        "DefaultPartitionTable": [
-            {"name": "EFI", "mountPoint": "/boot/efi", "size": "512M", "fileSystem": "vfat"},
-            {"name": "root", "mountPoint": "/", "size": "199G", "fileSystem": "ext4"},
-        ],
-        "icon": "https://static.example.com/ubuntu.svg",
-        "supportedProducts": ["gpu.h100.8x", "gpu.b200.8x"],
-    }
-    body.update(overrides)
-    return body
+    return image_body(org, **{"name": "Ubuntu-24.04", "OSVersion": "24.04", **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm, get_default_algorithms
 from cluster_engine.cli.main import DEMO_ORG
 from cluster_engine.server.auth import MAX_TOKEN_LENGTH, Verifier, mint_token
 from cluster_engine.server.config import ConfigError, load_settings
-from cluster_engine.testing import LiveServer, free_port
+from cluster_engine.testing import LiveServer, free_port, samples
 
 from .conftest import OTHER_ORG, STORES, Databases, start_server
 
@@ -742,22 +742,7 @@ class Target:
 
 def image_body(org: uuid.UUID, **overrides: Any) -> dict[str, Any]:
     """A valid POST /v1/images body (an ImageCreateReq) with a fresh name; ``overrides`` replace fields."""
-    body: dict[str, Any] = {
-        "idc": "us-west-1",
-        "orgId": str(org),
-        "path": "images/security.qcow2",
-        "name": f"sec-{uuid.uuid4().hex[:12]}",
-        "OSSeries": "Ubuntu",
-        "OSVersion": "22.04",
-        "OSArchitecture": "x86_64",
-        "BootMode": "UEFI",
-        "SystemDiskSize": "200G",
-        "DefaultPartitionTable": [{"name": "root", "mountPoint": "/", "size": "199G", "fileSystem": "ext4"}],
-        "icon": "https://static.example.com/ubuntu.svg",
-        "supportedProducts": ["gpu.h100.8x"],
-    }
-    body.update(overrides)
-    return body
+    return samples.image_body(org, **{"name": f"sec-{uuid.uuid4().hex[:12]}", **overrides})
 
 
 SECRET_IDC = "tenant-a-private-idc"

@@ -26,11 +26,12 @@ from typing import Any
 import httpx
 import pytest
 
+from cluster_engine.server.bodies import read_create_request
 from cluster_engine.server.config import ConfigError, load_settings
-from cluster_engine.server.validation import read_create_request
 from cluster_engine.storage import db
+from cluster_engine.storage.records import Actor
 from cluster_engine.storage.standby import Standby
-from cluster_engine.storage.store import Actor, Store
+from cluster_engine.storage.store import Store
 from cluster_engine.testing import LiveServer
 from cluster_engine.testing.pgbouncer import PgBouncer, PgBouncerUnavailable
 from cluster_engine.testing.pgserver import PostgresServer, PostgresUnavailable

@@ -13,37 +13,17 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster_engine.schemas import ImageBootMode, ImageCreateReq, ImageType, Partition, ValidationDetail
+from cluster_engine.schemas import ImageType, ValidationDetail
+from cluster_engine.server.bodies import read_image_create
+from cluster_engine.server.catalog_entries import read_catalog_entries
 from cluster_engine.server.errors import RequestInvalid
-from cluster_engine.server.validation import (
-    ListQuery,
-    image_id,
-    list_query,
-    original,
-    read_catalog_entries,
-    read_image_create,
-)
+from cluster_engine.server.validation import ListQuery, image_id, list_query, original
+from cluster_engine.testing.samples import image_body, image_spec
 
 ORG = "0b7e2f52-4c1a-4d52-9a57-2f1c3c2d9e01"
 ORIGINAL_MAX = 257  # 256 characters and an ellipsis
 
-VALID: dict[str, Any] = {
-    "idc": "us-west-1",
-    "orgId": ORG,
-    "path": "images/us-west-1/ubuntu.qcow2",
-    "name": "Ubuntu-22.04",
-    "OSSeries": "Ubuntu",
-    "OSVersion": "22.04",
-    "OSArchitecture": "x86_64",
-    "BootMode": "UEFI",
-    "SystemDiskSize": "200G",
-    "DefaultPartitionTable": [
-        {"name": "EFI", "mountPoint": "/boot/efi", "size": "512M", "fileSystem": "vfat"},
-        {"name": "root", "mountPoint": "/", "size": "200G", "fileSystem": "ext4"},
-    ],
-    "icon": "https://static.example.com/os-icons/ubuntu.svg",
-    "supportedProducts": ["gpu.h100.8x", "gpu.a100.8x"],
-}
+VALID: dict[str, Any] = image_body(ORG)
 REQUIRED = list(VALID)
 STRING_FIELDS = ["idc", "orgId", "path", "name", "OSSeries", "OSVersion", "OSArchitecture", "BootMode"]
 STRING_FIELDS += ["SystemDiskSize", "icon"]
@@ -211,23 +191,7 @@ def test_valid_body_is_read_into_an_image_create_req() -> None:
     out: list[ValidationDetail] = []
     spec = read_image_create(body(unknown="ignored", type="Public"), out)
     assert out == []
-    assert spec == ImageCreateReq(
-        idc="us-west-1",
-        orgId=uuid.UUID(ORG),
-        path="images/us-west-1/ubuntu.qcow2",
-        name="Ubuntu-22.04",
-        OSSeries="Ubuntu",
-        OSVersion="22.04",
-        OSArchitecture="x86_64",
-        BootMode=ImageBootMode.UEFI,
-        SystemDiskSize="200G",
-        DefaultPartitionTable=[
-            Partition(name="EFI", mountPoint="/boot/efi", size="512M", fileSystem="vfat"),
-            Partition(name="root", mountPoint="/", size="200G", fileSystem="ext4"),
-        ],
-        icon="https://static.example.com/os-icons/ubuntu.svg",
-        supportedProducts=["gpu.h100.8x", "gpu.a100.8x"],
-    )
+    assert spec == image_spec(ORG)  # the sample body, decoded by msgspec alone
 
 
 @pytest.mark.parametrize("name", REQUIRED)

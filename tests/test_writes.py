@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from cluster_engine.server.auth import mint_token
-from cluster_engine.testing import LiveServer
+from cluster_engine.testing import LiveServer, image_body
 
 WRITE = "images:write"
 ADMIN = "images:admin"
@@ -43,29 +43,6 @@ REQUIRED_FIELDS = [
     "supportedProducts",
 ]
 MUTABLE_FIELDS = [f for f in REQUIRED_FIELDS if f not in ("idc", "orgId")]
-
-
-def image_body(org: uuid.UUID, **overrides: Any) -> dict[str, Any]:
-    """A valid POST /v1/images body (an ImageCreateReq); ``overrides`` replace or add fields."""
-    body: dict[str, Any] = {
-        "idc": "us-west-1",
-        "orgId": str(org),
-        "path": "images/ubuntu-22.04.qcow2",
-        "name": "Ubuntu-22.04",
-        "OSSeries": "Ubuntu",
-        "OSVersion": "22.04",
-        "OSArchitecture": "x86_64",
-        "BootMode": "UEFI",
-        "SystemDiskSize": "200G",
-        "DefaultPartitionTable": [
-            {"name": "EFI", "mountPoint": "/boot/efi", "size": "512M", "fileSystem": "vfat"},
-            {"name": "root", "mountPoint": "/", "size": "199G", "fileSystem": "ext4"},
-        ],
-        "icon": "https://static.example.com/ubuntu.svg",
-        "supportedProducts": ["gpu.h100.8x", "gpu.b200.8x"],
-    }
-    body.update(overrides)
-    return body
 
 
 class Api:

@@ -129,9 +129,9 @@ class Catalog:
         in the order of the entries. A catalog the import rejects raises ValueError, saying why."""
         import yaml
 
+        from .server.catalog_entries import read_catalog_entries
         from .server.errors import ApiError, RequestInvalid
-        from .server.validation import read_catalog_entries
-        from .storage.store import Actor
+        from .storage.records import Actor
 
         if isinstance(source, str | Path):
             entries = yaml.safe_load(Path(source).read_text(encoding="utf-8"))

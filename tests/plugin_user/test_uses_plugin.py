@@ -12,29 +12,22 @@ import yaml
 
 from cluster_engine.client import Client, Forbidden, ImageResp, NotFound
 from cluster_engine.pytest_plugin import DEFAULT_ORG, Catalog, TokenFactory
-from cluster_engine.testing import LiveServer
+from cluster_engine.testing import LiveServer, image_body
 
 PUBLISHER = "a1d2c3b4-5e6f-4a7b-8c9d-0e1f2a3b4c5d"
 
 
 def catalog_entry(name: str, idc: str, products: list[str], **extra: Any) -> dict[str, Any]:
     """A catalog file entry (an ImageCreateReq, plus ``type`` and optionally ``id`` / ``createdAt``)."""
-    return {
-        "type": "Public",
-        "orgId": PUBLISHER,
-        "idc": idc,
-        "name": name,
-        "path": f"images/{idc}/{name}.qcow2",
-        "OSSeries": "Ubuntu",
-        "OSVersion": name.split("-")[-1],
-        "OSArchitecture": "x86_64",
-        "BootMode": "UEFI",
-        "SystemDiskSize": "200G",
-        "DefaultPartitionTable": [{"name": "root", "mountPoint": "/", "size": "200G", "fileSystem": "ext4"}],
-        "icon": "https://static.example.com/ubuntu.svg",
-        "supportedProducts": products,
-        **extra,
-    }
+    return image_body(
+        PUBLISHER,
+        name,
+        idc=idc,
+        path=f"images/{idc}/{name}.qcow2",
+        OSVersion=name.split("-")[-1],
+        supportedProducts=products,
+        **{"type": "Public", **extra},
+    )
 
 
 CATALOG = [

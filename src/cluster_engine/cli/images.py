@@ -1,6 +1,6 @@
 """``cluster-engine images …``: the Images API of a running server, from a terminal or a script.
 
-Built on the SDK (``cluster_engine.client``); ``cli.py`` registers the ``images`` group. Output is a
+Built on the SDK (``cluster_engine.client``); ``cli/main.py`` registers the ``images`` group. Output is a
 table on a terminal and JSON otherwise (``-o`` overrides); errors are one ``error: …`` line on stderr and
 an exit code per kind of failure (``EXIT_CODES``), so scripts can branch on them.
 """

@@ -50,7 +50,8 @@ import msgspec
 import xxhash
 
 from ..schemas import ImageType
-from ..storage.store import Changes, Store, Stored
+from ..storage.records import Changes, Stored
+from ..storage.store import Store
 from .compact import BodyCodec
 from .deadline import within
 from .errors import Unavailable

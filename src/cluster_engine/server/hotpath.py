@@ -1,7 +1,8 @@
 """The read path, as raw ASGI: ``GET /v1/images`` and ``GET /v1/images/{id}``.
 
 These two endpoints are most of the traffic, so they skip the framework's request/response objects and
-middleware: ``HotPath`` is the outermost app, answers these requests with ``ListImages`` / ``GetImage``
+middleware: ``HotPath`` is the first app inside the connection-level wrappers (keepalive.py, and CORS
+and the rate limiter when they are on), answers these requests with ``ListImages`` / ``GetImage``
 and does their request-id, metrics and access-log bookkeeping inline (``Observer``); everything else
 (and HEAD) goes through ``Observability`` and Starlette, whose router mounts the same two endpoints, so
 there is one implementation either way. Per request the work is: one pass over the headers, look the
@@ -34,7 +35,6 @@ LIST_PATH = "/v1/images"
 ITEM_PREFIX = "/v1/images/"
 ITEM_ROUTE = "/v1/images/{id}"
 JSON = b"application/json"
-CACHE_CONTROL = b"private, max-age=0"
 _QUERY_CACHE_SIZE = 4096
 _LIST_PARAMETERS = frozenset(("idc", "product", "limit", "cursor"))
 
@@ -191,7 +191,7 @@ class GetImage(_ReadEndpoint):
 
 
 class HotPath:
-    """The outermost ASGI app (behind CORS and the rate limiter, when on): answers the two read endpoints
+    """The app behind KeepAliveGuard (and CORS and the rate limiter, when on): answers the two read endpoints
     directly, passes the rest on to ``app``. A request under a prefix (``/api``, a root path: prefix.py)
     goes through ``Prefixes`` first, which strips it and comes back to ``route``; a request without one
     pays two tests for that here instead of a middleware layer of its own (0.4 µs, bench/micro.py)."""

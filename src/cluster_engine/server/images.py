@@ -15,8 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..schemas import ImageCreateReq, ImageResp, json_encoder
-from ..storage.store import Actor, Store
-from . import catalog, validation, visibility
+from ..storage.records import Actor
+from ..storage.store import Store
+from . import bodies, catalog, validation, visibility
 from .auth import Principal, Verifier
 from .deadline import within
 from .errors import PayloadTooLarge, RequestInvalid, Unavailable
@@ -137,7 +138,7 @@ async def _bounded(request: Request, write: Awaitable[T]) -> T:
 async def create_image(request: Request) -> Response:
     caller = principal(request)
     visibility.require_some_write_scope(caller)
-    spec, image_type = validation.read_create_request(await read_json(request))
+    spec, image_type = bodies.read_create_request(await read_json(request))
     visibility.check_create(caller, image_type, spec.orgId)
     store: Store = request.app.state.store
     image = await _bounded(request, store.create_image(spec, image_type, actor(caller)))
@@ -152,7 +153,7 @@ async def patch_image(request: Request) -> Response:
 
     def change(current: ImageResp) -> ImageCreateReq:
         visibility.check_change(caller, current.type, current.orgId)
-        return validation.read_patch(msgspec.to_builtins(current), patch)
+        return bodies.read_patch(msgspec.to_builtins(current), patch)
 
     store: Store = request.app.state.store
     image = await _bounded(request, store.update_image(image_id, actor(caller), change))

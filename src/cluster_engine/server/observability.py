@@ -1,10 +1,13 @@
 """Request metrics (Prometheus), request ids and one access-log line per request.
 
-``Observability`` is the outermost ASGI middleware, so it sees every request, the raw-ASGI read path
-included. Per request it: takes or makes an ``X-Request-ID`` and echoes it, counts the request in flight,
-and afterwards records count and latency by route template and status, and queues one access-log line
-(JSON, or readable text on a terminal). Lines are written by a background flush rather than one write
-per request, which keeps logging off the hot path; the token is never logged, only the caller's org.
+``Observer`` does the bookkeeping for both ways in: ``HotPath`` (hotpath.py) calls it inline for the two
+read endpoints, and the ``Observability`` middleware, in front of Starlette, for every other request that
+gets past ``HotPath``. (Answers given further out are not seen here: CORS preflights, and the rate
+limiter's 429s, which have their own counter.) Per request it: takes or makes an ``X-Request-ID`` and
+echoes it, counts the request in flight, and afterwards records count and latency by route template and
+status, and queues one access-log line (JSON, or readable text on a terminal). Lines are written by a
+background flush rather than one write per request, which keeps logging off the hot path; the token is
+never logged, only the caller's org.
 
 Several worker processes share metrics through prometheus_client's multiprocess mode: ``serve`` points
 ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers start, and ``/metrics`` then

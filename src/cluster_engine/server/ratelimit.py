@@ -1,10 +1,11 @@
 """Per-org fairness (``CE_RATE_LIMIT=RATE/BURST``, off by default): a token bucket per org, per worker.
 
-``RateLimit`` is the outermost ASGI app when the setting is on (when it is off it is not mounted, so the
-read path pays nothing). For a request whose ``Authorization`` header the verifier accepts it takes one
-token from that org's bucket; with none left the answer is ``429 {"reason": …}`` with ``Retry-After`` (whole
-seconds until a token is back) and the request goes no further. Requests without a valid token pass through
-untouched and are refused by the endpoint as usual (their failures are counted there, once).
+``RateLimit`` sits in front of the read path (inside KeepAliveGuard and CORS) when the setting is on
+(when it is off it is not mounted, so the read path pays nothing). For a request whose ``Authorization``
+header the verifier accepts it takes one token from that org's bucket; with none left the answer is
+``429 {"reason": …}`` with ``Retry-After`` (whole seconds until a token is back) and the request goes no
+further. Requests without a valid token pass through untouched and are refused by the endpoint as usual
+(their failures are counted there, once).
 
 Buckets are per worker: no lock and no shared state on the request path (one dict lookup and a few float
 operations; each worker runs one event loop). An org's fleet-wide ceiling is therefore RATE times the number

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 
 from ..schemas import ImageType
-from ..storage.store import PUBLIC_NAMESPACE
+from ..storage.records import PUBLIC_NAMESPACE
 from .auth import SCOPE_ADMIN, SCOPE_WRITE, Principal
 from .errors import Forbidden, NotFound
 

@@ -10,224 +10,36 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, overload
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import msgspec
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..schemas import ImageCreateReq, ImageResp, ImageType, Partition, json_encoder
+from ..schemas import ImageCreateReq, ImageResp, ImageType, json_encoder
+from ..server.catalog_entries import CatalogEntry
 from ..server.errors import Conflict, NotFound
-from ..server.validation import CatalogEntry
-from .db import (
-    audit_log,
-    catalog_state,
-    create_engine,
-    deleted_images,
-    images,
-    revision_in_one_trip,
-    uses_pgbouncer,
+from .db import audit_log, catalog_state, deleted_images, images
+from .reads import StoreReads
+from .records import (
+    DUPLICATE,
+    IMAGE_NOT_FOUND,
+    NOTIFY_CHANNEL,
+    Actor,
+    Changes,
+    ImportReport,
+    Stored,
+    _columns,
+    _utc,
+    image_of_body,
+    make_image,
+    namespace_of,
+    utcnow,
 )
-from .standby import Standby, current_revision
-
-PUBLIC_NAMESPACE = "public"
-IMAGE_NOT_FOUND = "image not found"
-DUPLICATE = "an image with this name already exists in this idc for this owner"
-NOTIFY_CHANNEL = "cluster_engine_catalog"
-
-
-def namespace_of(image_type: ImageType, org_id: uuid.UUID) -> str:
-    return PUBLIC_NAMESPACE if image_type is ImageType.PUBLIC else str(org_id)
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _utc(value: dt.datetime) -> dt.datetime:
-    # SQLite hands back naive datetimes; everything stored is UTC.
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
-
-
-_image_decoder = msgspec.json.Decoder(ImageResp)
-
-
-def image_of_body(body: bytes) -> ImageResp:
-    """The image as stored in its row's ``body`` (the served JSON)."""
-    return _image_decoder.decode(body)
-
-
-def make_image(
-    image_id: uuid.UUID, image_type: ImageType, spec: ImageCreateReq, created_at: dt.datetime
-) -> ImageResp:
-    """The image as it will be served, from its validated fields (before it is written)."""
-    return ImageResp(
-        id=image_id,
-        type=image_type,
-        orgId=spec.orgId,
-        idc=spec.idc,
-        name=spec.name,
-        path=spec.path,
-        OSSeries=spec.OSSeries,
-        OSVersion=spec.OSVersion,
-        OSArchitecture=spec.OSArchitecture,
-        BootMode=spec.BootMode,
-        SystemDiskSize=spec.SystemDiskSize,
-        DefaultPartitionTable=list(spec.DefaultPartitionTable),
-        icon=spec.icon,
-        supportedProducts=list(spec.supportedProducts),
-        createdAt=_utc(created_at),
-    )
-
-
-def image_from_row(row: Any) -> ImageResp:
-    return ImageResp(
-        id=row.id,
-        type=ImageType(row.type),
-        orgId=row.org_id,
-        idc=row.idc,
-        name=row.name,
-        path=row.path,
-        OSSeries=row.os_series,
-        OSVersion=row.os_version,
-        OSArchitecture=row.os_architecture,
-        BootMode=row.boot_mode,
-        SystemDiskSize=row.system_disk_size,
-        DefaultPartitionTable=msgspec.convert(row.default_partition_table, list[Partition]),
-        icon=row.icon,
-        supportedProducts=list(row.supported_products),
-        createdAt=_utc(row.created_at),
-    )
-
-
-def _columns(spec: ImageCreateReq) -> dict[str, Any]:
-    """The mutable columns of an image, from its validated create request."""
-    return {
-        "org_id": spec.orgId,
-        "idc": spec.idc,
-        "name": spec.name,
-        "path": spec.path,
-        "os_series": spec.OSSeries,
-        "os_version": spec.OSVersion,
-        "os_architecture": spec.OSArchitecture,
-        "boot_mode": spec.BootMode.value,
-        "system_disk_size": spec.SystemDiskSize,
-        "icon": spec.icon,
-        "default_partition_table": msgspec.to_builtins(spec.DefaultPartitionTable),
-        "supported_products": list(spec.supportedProducts),
-    }
-
-
-# An image as stored: its served JSON (``images.body``) and the revision that last wrote it.
-Stored = tuple[bytes, int]
-
-
-@dataclass(frozen=True, slots=True)
-class Changes:
-    """What changed after a given revision, up to and including ``revision``.
-
-    ``upserted`` holds images as they are now, each with the revision that last wrote it; ``deleted``
-    the ids deleted with the revision that deleted them. Applying them is idempotent.
-    """
-
-    revision: int
-    upserted: list[Stored]
-    deleted: list[tuple[str, int]]  # (canonical id, revision)
-
-
-@dataclass(frozen=True, slots=True)
-class Namespace:
-    """All images of some namespaces (Public, or orgs' Customized) as of at least ``revision``."""
-
-    revision: int
-    images: list[Stored]
-
-
-# An org load: the revision row (body NULL) and the namespaces' images, in one statement (one snapshot).
-# The unique index (namespace, idc, name) serves the namespace lookup.
-_LOAD_SQLITE = (
-    "SELECT NULL, revision FROM catalog_state WHERE id = 1"
-    " UNION ALL SELECT body, revision FROM images WHERE namespace IN ({marks})"
-)
-_LOAD_POSTGRES = (
-    "SELECT NULL::bytea, revision FROM catalog_state WHERE id = 1"
-    " UNION ALL SELECT body, revision FROM images WHERE namespace = ANY(%s)"
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Actor:
-    """Who made a change, for the audit trail."""
-
-    org_id: uuid.UUID | None
-    name: str | None
-
-
-class Ids(Sequence[uuid.UUID]):
-    """Image ids, 16 bytes each (an import's report may hold millions)."""
-
-    def __init__(self, ids: Iterable[uuid.UUID] = ()) -> None:
-        self._raw = bytearray()
-        self.extend(ids)
-
-    def append(self, image_id: uuid.UUID) -> None:
-        self._raw += image_id.bytes
-
-    def extend(self, ids: Iterable[uuid.UUID]) -> None:
-        for image_id in ids:
-            self._raw += image_id.bytes
-
-    def __len__(self) -> int:
-        return len(self._raw) // 16
-
-    @overload
-    def __getitem__(self, index: int) -> uuid.UUID: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[uuid.UUID]: ...
-    def __getitem__(self, index: int | slice) -> uuid.UUID | list[uuid.UUID]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return uuid.UUID(bytes=bytes(self._raw[16 * index : 16 * index + 16]))
-
-    def __iter__(self) -> Iterator[uuid.UUID]:
-        raw = self._raw
-        for start in range(0, len(raw), 16):
-            yield uuid.UUID(bytes=bytes(raw[start : start + 16]))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"<{len(self)} image ids>"  # asyncio reprs what a command returns: never list millions
-
-
-@dataclass(slots=True)
-class ImportReport:
-    created: Ids = field(default_factory=Ids)
-    updated: Ids = field(default_factory=Ids)
-    unchanged: Ids = field(default_factory=Ids)
-    deleted: Ids = field(default_factory=Ids)
-    revision: int | None = None
-
-    def summary(self) -> dict[str, int]:
-        return {
-            "created": len(self.created),
-            "updated": len(self.updated),
-            "unchanged": len(self.unchanged),
-            "deleted": len(self.deleted),
-        }
-
 
 # Statements of the write path, built once: SQLAlchemy then finds their compiled form by a cheap cache
 # key, where a statement with its values inlined is rebuilt and keyed anew on every write.
@@ -255,22 +67,9 @@ def _tombstone(insert: Callable[[sa.Table], Any]) -> Any:
 _TOMBSTONE = {"sqlite": _tombstone(sqlite_insert), "postgresql": _tombstone(postgresql_insert)}
 
 
-class Store:
-    """The catalog's database. With a ``standby`` (CE_DATABASE_READ_URL), change polling and org loads
-    read from it whenever it proves it is current (see standby.py); everything else uses ``engine``."""
-
-    def __init__(self, engine: AsyncEngine, url: str, *, standby: Standby | None = None) -> None:
-        self.engine = engine
-        self.url = url
-        self.is_postgres = engine.dialect.name == "postgresql"
-        self.pgbouncer = uses_pgbouncer(url)  # a transaction-pooling PgBouncer: see db.create_engine
-        self.standby = standby
-        # Called with each write's own change once it has committed (the app hands it to this process's
-        # read model: read-your-writes without reading the database again).
-        # Its second argument is a time.monotonic() from before the write began: when the write committed,
-        # the catalog was at its revision (writers take revisions in turn and hold them until commit).
-        self.on_commit: Callable[[Changes, float], None] | None = None
-        self.committed_revision = 0  # the newest revision a write of this process committed
+class Store(StoreReads):
+    """The catalog's database: ``StoreReads`` (reads.py) and the writes, each one transaction that bumps the
+    revision and, once committed, hands its change to ``on_commit``."""
 
     def _committed(
         self, began: float, revision: int, upserted: list[Stored], deleted: list[tuple[str, int]]
@@ -278,190 +77,6 @@ class Store:
         self.committed_revision = max(self.committed_revision, revision)
         if self.on_commit is not None:
             self.on_commit(Changes(revision=revision, upserted=upserted, deleted=deleted), began)
-
-    @classmethod
-    def open(cls, url: str, *, statement_timeout: float | None = 5.0) -> Store:
-        return cls(create_engine(url, statement_timeout=statement_timeout), url)
-
-    async def notifications(self) -> AsyncIterator[str]:
-        """PostgreSQL only: yield the payload (a revision) of every catalog change committed anywhere."""
-        import psycopg
-
-        # The engine's own connect arguments: the same hosts (several, for a failover pair, with their
-        # target_session_attrs), user and options as the pool's connections.
-        _, params = self.engine.dialect.create_connect_args(self.engine.url)
-        params.pop("context", None)
-        params["connect_timeout"] = 2
-        async with await psycopg.AsyncConnection.connect(autocommit=True, **params) as conn:
-            await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-            async for notify in conn.notifies():
-                yield notify.payload
-
-    async def close(self) -> None:
-        if self.standby is not None:
-            await self.standby.close()
-        await self.engine.dispose()
-
-    # ---------------------------------------------------------------------------------------- reads
-
-    async def revision(self) -> int:
-        """The catalog's current revision, on the primary (what a standby read must reach)."""
-        async with self.engine.connect() as conn:
-            if self.pgbouncer and (revision := await revision_in_one_trip(conn)) is not None:
-                return revision
-            return await current_revision(conn)
-
-    _current_revision = staticmethod(current_revision)
-
-    async def changes_since(self, since: int) -> Changes:
-        """Everything committed after revision ``since``, up to the current revision (at least the
-        primary's at the call: from the standby only when it has replayed that far)."""
-        standby = self.standby
-        if standby is None:
-            async with self.engine.connect() as conn:
-                if self.pgbouncer and await revision_in_one_trip(conn) == since:
-                    return Changes(revision=since, upserted=[], deleted=[])  # a poll's usual answer
-                return await self._changes(await self._polling(conn), since)
-        target = await self.revision()
-        if target == since:
-            await standby.recheck(target)
-            return Changes(revision=since, upserted=[], deleted=[])
-        changes = await standby.read(self.engine, target, lambda conn: self._changes(conn, since))
-        standby.note(changes.revision)
-        return changes
-
-    async def _polling(self, conn: AsyncConnection) -> AsyncConnection:
-        """A poll's connection: directly on PostgreSQL in autocommit, so that a poll that finds nothing
-        new is one round trip (no BEGIN, no ROLLBACK). Its reads need no common snapshot: each one is
-        bounded by the revision read first, and all revisions up to it are committed (writers take them
-        in turn under catalog_state's row lock); a change committed meanwhile is fetched by the next poll.
-        Through PgBouncer every transaction must begin READ WRITE (db._through_pgbouncer: how a demoted
-        node is noticed), so polls there stay transactions."""
-        if self.is_postgres and not self.pgbouncer:
-            return await conn.execution_options(isolation_level="AUTOCOMMIT")
-        return conn
-
-    async def _changes(self, conn: AsyncConnection, since: int) -> Changes:
-        revision = await self._current_revision(conn)
-        if revision == since:
-            return Changes(revision=since, upserted=[], deleted=[])
-        window = (since, revision)
-        rows = (
-            await conn.execute(
-                sa.select(images.c.body, images.c.revision).where(
-                    images.c.revision > window[0], images.c.revision <= window[1]
-                )
-            )
-        ).all()
-        deleted = (
-            await conn.execute(
-                sa.select(deleted_images.c.id, deleted_images.c.revision).where(
-                    deleted_images.c.revision > window[0], deleted_images.c.revision <= window[1]
-                )
-            )
-        ).all()
-        return Changes(
-            revision=revision,
-            upserted=[(r.body, int(r.revision)) for r in rows],
-            deleted=[(str(r.id), int(r.revision)) for r in deleted],
-        )
-
-    async def load_namespace(self, namespace: str) -> Namespace:
-        """Every image of a namespace; rows written up to the returned revision are all included, and
-        that revision is at least the primary's at the call (the catalog's first load confirms freshness
-        with it)."""
-        if self.standby is None:
-            return await self.load_namespaces([namespace])
-        target = await self.revision()
-        return await self._load_from_standby(self.standby, [namespace], target)
-
-    async def load_namespaces(self, namespaces: Sequence[str]) -> Namespace:
-        """Every image of these namespaces and the revision they are complete for, in one statement (so
-        one snapshot, one round trip) on the driver's own connection: this is the cold path of an org's
-        first request, and SQLAlchemy's layers cost more than the query itself here. From a standby, at
-        least at the highest revision this process has seen (the catalog's, which these images join)."""
-        standby = self.standby
-        if standby is None:
-            async with self.engine.connect() as conn:
-                return await self._load(conn, namespaces)
-        return await self._load_from_standby(standby, namespaces, standby.floor)
-
-    async def _load_from_standby(self, standby: Standby, namespaces: Sequence[str], target: int) -> Namespace:
-        loaded = await standby.read(self.engine, target, lambda conn: self._load(conn, namespaces))
-        standby.note(loaded.revision)
-        return loaded
-
-    async def _load(self, conn: AsyncConnection, namespaces: Sequence[str]) -> Namespace:
-        pooled = self.standby.pgbouncer if self.standby and self.standby.owns(conn) else self.pgbouncer
-        if pooled:  # the engine's BEGIN (READ WRITE, or READ ONLY on a standby) and statement timeout
-            await conn.begin()
-        driver: Any = (await conn.get_raw_connection()).driver_connection
-        if self.is_postgres:
-            cursor = await driver.execute(_LOAD_POSTGRES, (list(namespaces),))
-            rows = await cursor.fetchall()
-        else:
-            marks = ",".join("?" * len(namespaces))
-            rows = await driver.execute_fetchall(_LOAD_SQLITE.format(marks=marks), tuple(namespaces))
-        revision = None
-        stored: list[Stored] = []
-        for body, row_revision in rows:
-            if body is None:
-                revision = int(row_revision)
-            else:
-                stored.append((bytes(body), int(row_revision)))
-        if revision is None:
-            raise RuntimeError("catalog_state is empty: the database is not migrated")
-        return Namespace(revision=revision, images=stored)
-
-    async def customized(
-        self, batch: int = 10_000
-    ) -> AsyncGenerator[tuple[int, list[tuple[str, Stored]]], None]:
-        """Every Customized image, grouped by org namespace in namespace order, in batches that never split
-        an org: (revision, [(namespace, stored)…]). Rows written up to the first batch's revision are all
-        included; for warm starts (see ``Catalog.preload``). From a standby, at least at the highest
-        revision this process has seen."""
-        reading = (
-            self.engine.connect()
-            if self.standby is None
-            else self.standby.connection(self.engine, self.standby.floor or await self.revision())
-        )
-        async with reading as conn:
-            revision = await self._current_revision(conn)
-            if self.standby is not None:
-                self.standby.note(revision)
-            query = (
-                sa.select(images.c.namespace, images.c.body, images.c.revision)
-                .where(images.c.namespace != PUBLIC_NAMESPACE)
-                .order_by(images.c.namespace)
-            )
-            result = await conn.stream(query.execution_options(yield_per=batch))
-            pending: list[tuple[str, Stored]] = []
-            async for rows in result.partitions(batch):
-                for row in rows:
-                    pending.append((row.namespace, (row.body, int(row.revision))))
-                last = pending[-1][0]
-                cut = len(pending)
-                while cut and pending[cut - 1][0] == last:  # keep the last org whole for the next batch
-                    cut -= 1
-                if cut:
-                    yield revision, pending[:cut]
-                    del pending[:cut]
-            if pending:
-                yield revision, pending
-
-    async def schema_revision(self) -> str | None:
-        """The migration the database is at (None before the first)."""
-        async with self.engine.connect() as conn:
-            value = await conn.scalar(sa.text("SELECT version_num FROM alembic_version"))
-        return None if value is None else str(value)
-
-    def pool_in_use(self) -> int:
-        checkedout = getattr(self.engine.pool, "checkedout", None)
-        return int(checkedout()) if callable(checkedout) else 0
-
-    async def count(self) -> int:
-        async with self.engine.connect() as conn:
-            return int(await conn.scalar(sa.select(sa.func.count()).select_from(images)) or 0)
 
     # --------------------------------------------------------------------------------------- writes
 
@@ -597,36 +212,6 @@ class Store:
         from . import catalog_files
 
         return await catalog_files.import_entries(self, entries, dry_run=dry_run, prune=prune, actor=actor)
-
-    async def export_catalog(self) -> list[ImageResp]:
-        """Every image, in (createdAt, id) order (``catalog_files.export_catalog`` streams them to a file)."""
-        async with self.engine.connect() as conn:
-            query = sa.select(images.c.body).order_by(images.c.created_at, images.c.id)
-            result = await conn.stream(query.execution_options(yield_per=2000))
-            return [image_of_body(row.body) async for row in result]
-
-    async def audit_entries(
-        self, *, since: dt.datetime | None = None, image_id: uuid.UUID | None = None, limit: int = 1000
-    ) -> list[dict[str, Any]]:
-        query = sa.select(audit_log).order_by(audit_log.c.seq.desc()).limit(limit)
-        if since is not None:  # SQLite keeps naive UTC: compare in UTC on every backend
-            query = query.where(audit_log.c.at >= since.astimezone(dt.UTC))
-        if image_id is not None:
-            query = query.where(audit_log.c.image_id == image_id)
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [
-            {
-                "at": _utc(row.at).isoformat(),
-                "revision": row.revision,
-                "action": row.action,
-                "imageId": str(row.image_id),
-                "actorOrg": str(row.actor_org) if row.actor_org else None,
-                "actor": row.actor,
-                "changes": row.changes,
-            }
-            for row in reversed(rows)
-        ]
 
 
 def _snapshot(image: ImageResp) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +30,7 @@ import httpx
 import yaml
 
 from ..server.auth import mint_token
+from .samples import image_body as image_body  # the sample image body, for test authors
 
 T = TypeVar("T")
 
@@ -251,12 +252,3 @@ class ExistingServer:
         if self.database_url is None:
             raise RuntimeError("this needs the server's database: --cluster-engine-database-url")
         return wait_synced(self.url, self.database_url, timeout)
-
-
-@contextlib.contextmanager
-def live_server(data_dir: Path, **kwargs: Any) -> Iterator[LiveServer]:
-    server = LiveServer.start(data_dir, **kwargs)
-    try:
-        yield server
-    finally:
-        server.stop()

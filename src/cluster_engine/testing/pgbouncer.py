@@ -28,6 +28,8 @@ from urllib.parse import quote
 
 from sqlalchemy.engine import make_url
 
+from . import free_port
+
 
 class PgBouncerUnavailable(RuntimeError):
     """No pgbouncer binary could be found on this machine."""
@@ -52,12 +54,6 @@ def version(binary: Path | None = None) -> str:
 
 def _quoted(value: str) -> str:
     return value.replace('"', '""')  # auth_file's quoting
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -124,7 +120,7 @@ class PgBouncer:
         )
         last: Exception | None = None
         for _attempt in range(5):
-            bouncer.port = _free_port()
+            bouncer.port = free_port()
             try:
                 bouncer.start_again(timeout)
                 return bouncer

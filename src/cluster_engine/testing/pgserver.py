@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..server.pids import descendants
+from . import free_port
 
 
 class PostgresUnavailable(RuntimeError):
@@ -90,12 +91,6 @@ def create_database(admin_url: str) -> str:
     return url.set(database=name).render_as_string(hide_password=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class PostgresServer:
     bindir: Path
@@ -126,7 +121,7 @@ class PostgresServer:
         server = cls(
             bindir=bindir,
             data_dir=data_dir,
-            port=port or _free_port(),
+            port=port or free_port(),
             user=user,
             durable=durable,
             max_connections=max_connections,
@@ -158,7 +153,7 @@ class PostgresServer:
         server = cls(
             bindir=primary.bindir,
             data_dir=data_dir,
-            port=port or _free_port(),
+            port=port or free_port(),
             user=primary.user,
             durable=primary.durable,
             max_connections=primary.max_connections,
