@@ -215,20 +215,18 @@ _PGBOUNCER_BEGIN = (
 _REVISION = "SELECT revision FROM catalog_state WHERE id = 1"
 
 
-async def revision_in_one_trip(conn: AsyncConnection) -> int | None:
+async def revision_in_one_trip(conn: AsyncConnection) -> int:
     """Through PgBouncer, the catalog's revision in one round trip: the engine's ``BEGIN …``, the SELECT
     and ``COMMIT`` as one simple query, so that the transaction holds a server connection of PgBouncer's
     pool only while the server runs it. Through SQLAlchemy's transaction it held one for three round
     trips and the worker's scheduling gaps between them (BEGIN, SELECT, ROLLBACK): about 10 ms per poll
     against 1 ms now with four idle workers on a loaded machine (bench/polls.py), where a fleet's
-    hundreds of workers poll four times a second each and share a pool of 20. None when ``conn``'s
-    engine does not go through PgBouncer. An error invalidates the
+    hundreds of workers poll four times a second each and share a pool of 20. Only for an engine made
+    for PgBouncer (``create_engine`` of a ``pgbouncer=true`` URL). An error invalidates the
     connection (the server's transaction may be left open) and is raised as SQLAlchemy's, so that it is
     handled like any other; READ WRITE refused (0A000: the node behind PgBouncer is a standby now) also
     drops the pool's connections, as ``_through_pgbouncer``'s ``on_error`` does, as an OperationalError."""
-    begin = conn.engine.sync_engine.get_execution_options().get(_PGBOUNCER_BEGIN)
-    if begin is None:
-        return None
+    begin = conn.engine.sync_engine.get_execution_options()[_PGBOUNCER_BEGIN]
     import psycopg
 
     statement = f"{begin}; {_REVISION}; COMMIT"

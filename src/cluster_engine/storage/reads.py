@@ -74,8 +74,8 @@ class StoreReads:
     async def revision(self) -> int:
         """The catalog's current revision, on the primary (what a standby read must reach)."""
         async with self.engine.connect() as conn:
-            if self.pgbouncer and (revision := await revision_in_one_trip(conn)) is not None:
-                return revision
+            if self.pgbouncer:
+                return await revision_in_one_trip(conn)
             return await current_revision(conn)
 
     _current_revision = staticmethod(current_revision)
@@ -86,9 +86,13 @@ class StoreReads:
         standby = self.standby
         if standby is None:
             async with self.engine.connect() as conn:
-                if self.pgbouncer and await revision_in_one_trip(conn) == since:
-                    return Changes(revision=since, upserted=[], deleted=[])  # a poll's usual answer
-                return await self._changes(await self._polling(conn), since)
+                if not self.pgbouncer:
+                    return await self._changes(await self._polling(conn), since)
+                # one round trip for a poll's usual answer, and the bound of the reads when there is more
+                revision = await revision_in_one_trip(conn)
+                if revision == since:
+                    return Changes(revision=since, upserted=[], deleted=[])
+                return await self._changes(conn, since, upto=revision)
         target = await self.revision()
         if target == since:
             await standby.recheck(target)
@@ -108,8 +112,10 @@ class StoreReads:
             return await conn.execution_options(isolation_level="AUTOCOMMIT")
         return conn
 
-    async def _changes(self, conn: AsyncConnection, since: int) -> Changes:
-        revision = await self._current_revision(conn)
+    async def _changes(self, conn: AsyncConnection, since: int, *, upto: int | None = None) -> Changes:
+        """The changes in (``since``, the current revision], or (``since``, ``upto``] when the revision was
+        read already: every revision up to one read is committed (see ``_polling``)."""
+        revision = await self._current_revision(conn) if upto is None else upto
         if revision == since:
             return Changes(revision=since, upserted=[], deleted=[])
         window = (since, revision)
