@@ -214,10 +214,11 @@ def test_the_statement_timeout_holds_in_every_transaction(pgbouncer: PgBouncer, 
                 with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
                     await conn.execute(sa.text("SELECT pg_sleep(3)"))
                 assert time.monotonic() - began < 2
-            # the org load (the driver's own connection): blocked by a lock, cancelled at the timeout
+            # the org load (one simple query on the driver's connection): blocked by a lock, cancelled at
+            # the timeout, and raised as SQLAlchemy's error like any other statement's
             await locker.execute("LOCK TABLE images IN ACCESS EXCLUSIVE MODE")
             began = time.monotonic()
-            with pytest.raises(psycopg.errors.QueryCanceled):
+            with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
                 await store.load_namespaces(["public"])
             assert time.monotonic() - began < 2
             await locker.rollback()
@@ -241,13 +242,14 @@ def test_the_statement_timeout_holds_in_every_transaction(pgbouncer: PgBouncer, 
     asyncio.run(run())
 
 
-def test_a_poll_through_pgbouncer_is_one_query_and_keeps_the_statement_timeout(
+def test_polls_and_org_loads_through_pgbouncer_are_one_query_each_and_keep_the_statement_timeout(
     pgbouncer: PgBouncer, direct_url: str
 ) -> None:
-    """A poll that finds nothing new (and the primary's revision a standby read needs) is one simple query
-    through PgBouncer: BEGIN READ WRITE, SET LOCAL statement_timeout, the SELECT and COMMIT, so it holds a
-    server connection only while the server runs it, not for three round trips and the gaps between them
-    (PgBouncer's own counters: one query per transaction). The timeout still holds in it."""
+    """A poll that finds nothing new (and the primary's revision a standby read needs), an org load, and
+    the fetch of changes a poll found are each one simple query through PgBouncer: BEGIN READ WRITE, SET
+    LOCAL statement_timeout, the SELECTs and COMMIT (storage/onetrip.py), so each holds a server
+    connection only while the server runs it, not for several round trips and the gaps between them
+    (PgBouncer's own counters: one query per transaction). The timeout still holds in them."""
     url = pgbouncer.url(direct_url)
     db.upgrade(url)
     database = database_of(direct_url)
@@ -267,6 +269,25 @@ def test_a_poll_through_pgbouncer_is_one_query_and_keeps_the_statement_timeout(
                 assert await store.revision() == revision
             after = counts()
             assert (after[0] - xacts, after[1] - queries) == (40, 40)
+            # an org load, and a poll that finds a change (its revision, then the changes): one each too
+            xacts, queries = counts()
+            for _ in range(5):
+                assert (await store.load_namespaces(["public", str(uuid.uuid4())])).revision == revision
+            gone = uuid.uuid4()
+            async with await psycopg.AsyncConnection.connect(direct_url) as other:  # another replica's write
+                await other.execute("UPDATE catalog_state SET revision = revision + 1 WHERE id = 1")
+                await other.execute(
+                    "INSERT INTO deleted_images (id, revision) VALUES (%s, %s)", (gone, revision + 1)
+                )
+            changes = await store.changes_since(revision)
+            assert (changes.revision, changes.upserted, changes.deleted) == (
+                revision + 1,
+                [],
+                [(str(gone), revision + 1)],
+            )
+            after = counts()
+            assert (after[0] - xacts, after[1] - queries) == (7, 7)
+            revision += 1
             await locker.execute("LOCK TABLE catalog_state IN ACCESS EXCLUSIVE MODE")
             began = time.monotonic()
             with pytest.raises(sa.exc.OperationalError, match="statement timeout"):

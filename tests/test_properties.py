@@ -128,8 +128,8 @@ class FakeStore:
             if not parked.done():
                 parked.set_result(None)
 
-    async def changes_since(self, since: int) -> Changes:
-        revision = self.revision
+    async def changes_since(self, since: int, upto: int | None = None) -> Changes:
+        revision = self.revision if upto is None else upto
         if revision == since:
             return await self._deliver(Changes(revision=since, upserted=[], deleted=[]))  # type: ignore[no-any-return]
         changes = Changes(

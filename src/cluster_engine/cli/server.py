@@ -100,6 +100,10 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
     _remove_stale_metrics_dirs()
     metrics_dir = tempfile.TemporaryDirectory(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
+    if workers > 1:  # the workers share their change polls (one replica, one answer: revisionboard.py)
+        from ..server import revisionboard
+
+        revisionboard.share_with_workers()
     shown_host = f"[{host}]" if ":" in host else host
     url = f"http://{shown_host}:{port}"
     lines = [

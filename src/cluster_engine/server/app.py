@@ -33,7 +33,7 @@ from ..storage import db
 from ..storage.schema_check import UPGRADE_HINT, schema_problem
 from ..storage.standby import Standby
 from ..storage.store import Store
-from . import docs_page, images, logformat, openapi
+from . import docs_page, images, logformat, openapi, revisionboard
 from .auth import Verifier
 from .bodydeadline import BodyDeadline
 from .catalog import Catalog
@@ -179,8 +179,10 @@ def create_app(settings: Settings) -> KeepAliveGuard:
             max_images=settings.cache_images,
             max_orgs=settings.cache_orgs,
             compress_after=2000 if settings.cache_compress else None,
+            board=revisionboard.inherited(),
         )
         catalog.on_refresh_failure = lambda: metrics.db_errors.labels("refresh").inc()
+        catalog.on_poll = lambda source: metrics.catalog_polls.labels(source).inc()
         store.on_commit = catalog.apply_own
         app.state.store = store
         app.state.catalog = catalog

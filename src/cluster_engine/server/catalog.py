@@ -39,6 +39,7 @@ import datetime as dt
 import heapq
 import itertools
 import logging
+import random
 import sys
 import time
 from collections import OrderedDict
@@ -55,6 +56,7 @@ from ..storage.store import Store
 from .compact import BodyCodec
 from .deadline import within
 from .errors import Unavailable
+from .revisionboard import RevisionBoard
 from .validation import ListQuery, encode_cursor
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ log = logging.getLogger(__name__)
 PUBLIC = "public"
 SortKey = tuple[str, str]
 REFRESH_TIMEOUT = 1.0  # a request waits at most this long for the database before answering 503
+BOARD_LOOKS_PER_POLL = 4  # looks at the board per CE_POLL_INTERVAL (see poll_forever)
 RETRY_AFTER_FAILURE = 0.25  # after a failed refresh, requests answer 503 at once for this long
 LOAD_BATCH = 256  # orgs loaded by one query, at most
 CONCURRENT_LOADS = 2  # org-load queries in flight at once, at most
@@ -317,8 +320,11 @@ class Catalog:
         max_images: int = 1_500_000,
         max_orgs: int = 100_000,
         compress_after: int | None = 2000,
+        board: RevisionBoard | None = None,
     ) -> None:
         self.store = store
+        self.board = board  # the polls of this replica's other workers (revisionboard.py), if it has any
+        self._region = board.claim_region() if board is not None else None  # where this one shares
         self.freshness_bound = freshness_bound
         self.cache_size = cache_size  # cached list answers (whole lists and pages each), at most
         self.max_images = max_images  # Customized images held in memory, at most
@@ -347,6 +353,7 @@ class Catalog:
         self._refresh_lock = asyncio.Lock()
         self._refresh_task: asyncio.Task[None] | None = None
         self.on_refresh_failure: Callable[[], None] | None = None  # e.g. a metrics hook
+        self.on_poll: Callable[[str], None] | None = None  # "database" or "board": what confirmed a poll
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -598,36 +605,51 @@ class Catalog:
             log.warning("catalog refresh failed: %s", exc.__class__.__name__)
             raise Unavailable() from None
 
-    def _refreshing(self, *, only_if_stale: bool = False) -> asyncio.Task[None]:
+    def _refreshing(
+        self, *, only_if_stale: bool = False, seen: tuple[int, float] | None = None
+    ) -> asyncio.Task[None]:
         """The refresh in progress, or a new one: requests and the poller wait for the same one, and
         a refresh that outlives their deadlines is never cancelled (see deadline.py)."""
         task = self._refresh_task
         if task is None or task.done():
-            task = self._refresh_task = asyncio.create_task(self.refresh(only_if_stale=only_if_stale))
+            task = self._refresh_task = asyncio.create_task(
+                self.refresh(only_if_stale=only_if_stale, seen=seen)
+            )
         return task
 
-    async def refresh(self, *, only_if_stale: bool = False) -> None:
-        """Bring the read model up to the database's current revision (one refresh at a time)."""
+    async def refresh(self, *, only_if_stale: bool = False, seen: tuple[int, float] | None = None) -> None:
+        """Bring the read model up to the database's current revision (one refresh at a time), or up to
+        ``seen``: a revision another worker of this replica read from the database, and when (the board's
+        record), which then confirms the read model as of that time without asking for the revision."""
         async with self._refresh_lock:
             if only_if_stale and self.is_fresh():  # another request refreshed while we waited
                 return
             started = time.monotonic()
             self._rewind = None  # this fetch starts at the cursor: earlier rewinds are covered
+            since = self._cursor
             try:
-                if self._cursor is None:
+                if since is None:
                     public = await self.store.load_namespace(PUBLIC)
+                elif seen is None:
+                    changes = await self.store.changes_since(since)
                 else:
-                    changes = await self.store.changes_since(self._cursor)
+                    changes = await self.store.changes_since(since, seen[0])
             except BaseException:
                 self.failed_at = time.monotonic()
                 if self.on_refresh_failure is not None:
                     self.on_refresh_failure()
                 raise
-            if self._cursor is None:
+            if since is None:
                 self._hold_public(public.images)
                 changes = Changes(revision=public.revision, upserted=[], deleted=[])
             self.apply(changes)
-            self.confirmed_at = started
+            confirmed = started if seen is None else seen[1]
+            self.confirmed_at = max(self.confirmed_at, confirmed)
+            if self.board is not None:
+                if since is not None and changes.revision > since and self._region is not None:
+                    self.board.share_changes(self._region, since, changes, confirmed)
+                if seen is None:
+                    self.board.publish(changes.revision, started)
 
     def _hold_public(self, images: list[Stored]) -> None:
         """The first load of the Public images (one sort, however many)."""
@@ -707,11 +729,19 @@ class Catalog:
     # ------------------------------------------------------------------------------ background tasks
 
     async def poll_forever(self, interval: float) -> None:
-        """Keep the read model fresh so requests never wait on the database."""
+        """Keep the read model fresh so requests never wait on the database: confirm it at least every
+        ``interval``, by asking the database or (with a board) by another worker's answer."""
         failing = False
+        # With a board, a look at it costs microseconds: look often, so that a change another worker
+        # found is fetched soon after, while the database is still asked about once per interval.
+        looks = interval / BOARD_LOOKS_PER_POLL
         while True:
             try:
-                await within(self._refreshing(), REFRESH_TIMEOUT * 2)
+                step, seen = self._look(interval)
+                if step in ("database", "fetched"):
+                    await within(self._refreshing(seen=seen), REFRESH_TIMEOUT * 2)
+                if self.on_poll is not None and step:
+                    self.on_poll(step)
                 if failing:
                     log.info("catalog refresh recovered at revision %s", self.revision)
                 failing = False
@@ -721,7 +751,54 @@ class Catalog:
                 if not failing:  # log the first failure of an outage, not one line per poll
                     log.warning("catalog refresh failing: %s: %s", exc.__class__.__name__, exc)
                 failing = True
-            await asyncio.sleep(interval)
+            # Jittered: workers started together would otherwise look in step, all find a poll due at once
+            # and all ask the database.
+            await asyncio.sleep(
+                interval if self.board is None or failing else looks * random.uniform(0.5, 1.5)
+            )
+
+    def _look(self, interval: float) -> tuple[str, tuple[int, float] | None]:
+        """What the poller does now, and what for the metrics. Without a board: ask the database
+        ("database"). With one:
+        - another worker saw a newer revision: apply the changes it shared ("shared"), or fetch them up
+          to that revision without asking for it ("fetched", with the board's record);
+        - another worker's poll found the revision held: confirmed as of its time ("board");
+        - then ask the database if the read model was last confirmed ``interval`` ago or more
+          ("database"), else nothing ("")."""
+        if self.board is None or self.revision is None or self._cursor is None:
+            return "database", None
+        if self._refresh_lock.locked():
+            return "", None  # a refresh is under way (a request's): it confirms
+        seen = self.board.read()
+        step = ""
+        if seen is not None:
+            revision, at = seen
+            if revision > self.revision or self._cursor < revision:
+                if self._apply_shared(revision):
+                    return "shared", None
+                return "fetched", seen
+            if revision == self.revision == self._cursor and self._rewind is None and at > self.confirmed_at:
+                self.confirmed_at, step = at, "board"
+        if time.monotonic() - self.confirmed_at >= interval:
+            return "database", None
+        return step, None
+
+    def _apply_shared(self, target: int) -> bool:
+        """Apply the changes other workers shared, from the cursor toward revision ``target``; True when
+        that reached it (the read model is then confirmed as of the time the last record's was)."""
+        assert self.board is not None and self._cursor is not None
+        for _ in range(self.board.regions):
+            found = self.board.changes_from(self._cursor)
+            if found is None:
+                return False
+            changes, at = found
+            self._rewind = None  # the record starts at or before the cursor: it covers any rewind
+            self.apply(changes)
+            if self._cursor == self.revision == changes.revision:
+                self.confirmed_at = max(self.confirmed_at, at)
+            if self._cursor >= target:
+                return True
+        return False
 
     async def listen_forever(self) -> None:
         """PostgreSQL: refresh as soon as any process commits a change."""

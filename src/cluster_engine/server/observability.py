@@ -169,6 +169,15 @@ class Metrics:
         self.db_errors = Counter(
             "ce_db_errors", "Database operations that failed", ["operation"], registry=registry
         )
+        self.catalog_polls = Counter(
+            "ce_catalog_polls",
+            "Change polls of a worker's read model, by what served them: database (it asked for the "
+            "revision), fetched (the changes up to a revision another worker of the same serve read), "
+            "shared (changes another worker fetched, from their revision board), board (confirmed by "
+            "another worker's poll)",
+            ["source"],
+            registry=registry,
+        )
         self.db_pool_checked_out = gauge(
             "ce_db_pool_connections_in_use",
             "Database connections checked out of a worker's pool",

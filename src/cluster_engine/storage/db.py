@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 metadata = sa.MetaData()
 
@@ -209,46 +209,7 @@ def create_engine(
 PING_AFTER_IDLE = 1.0  # seconds a pooled connection may sit unused and still be taken without a ping
 
 
-_PGBOUNCER_BEGIN = (
-    "cluster_engine_pgbouncer_begin"  # an engine's execution option: its BEGIN through PgBouncer
-)
-_REVISION = "SELECT revision FROM catalog_state WHERE id = 1"
-
-
-async def revision_in_one_trip(conn: AsyncConnection) -> int:
-    """Through PgBouncer, the catalog's revision in one round trip: the engine's ``BEGIN …``, the SELECT
-    and ``COMMIT`` as one simple query, so that the transaction holds a server connection of PgBouncer's
-    pool only while the server runs it. Through SQLAlchemy's transaction it held one for three round
-    trips and the worker's scheduling gaps between them (BEGIN, SELECT, ROLLBACK): about 10 ms per poll
-    against 1 ms now with four idle workers on a loaded machine (bench/polls.py), where a fleet's
-    hundreds of workers poll four times a second each and share a pool of 20. Only for an engine made
-    for PgBouncer (``create_engine`` of a ``pgbouncer=true`` URL). An error invalidates the
-    connection (the server's transaction may be left open) and is raised as SQLAlchemy's, so that it is
-    handled like any other; READ WRITE refused (0A000: the node behind PgBouncer is a standby now) also
-    drops the pool's connections, as ``_through_pgbouncer``'s ``on_error`` does, as an OperationalError."""
-    begin = conn.engine.sync_engine.get_execution_options()[_PGBOUNCER_BEGIN]
-    import psycopg
-
-    statement = f"{begin}; {_REVISION}; COMMIT"
-    driver = (await conn.get_raw_connection()).driver_connection
-    assert driver is not None
-    try:
-        async with driver.cursor() as cursor:
-            await cursor.execute(statement)
-            while cursor.description is None and cursor.nextset():
-                pass
-            row = await cursor.fetchone()
-    except psycopg.Error as exc:
-        await conn.invalidate()
-        if getattr(exc, "sqlstate", None) == "0A000":
-            await conn.engine.dispose()
-            raise sa.exc.OperationalError(statement, None, exc, connection_invalidated=True) from exc
-        raise sa.exc.DBAPIError.instance(
-            statement, None, exc, psycopg.Error, connection_invalidated=True
-        ) from exc
-    if row is None:
-        raise RuntimeError("catalog_state is empty: the database is not migrated")
-    return int(row[0])
+PGBOUNCER_BEGIN = "cluster_engine_pgbouncer_begin"  # an engine's execution option: its BEGIN via PgBouncer
 
 
 def _ping_when_idle(engine: AsyncEngine) -> None:
@@ -303,7 +264,7 @@ def _through_pgbouncer(engine: AsyncEngine, timeout_ms: int, *, read_only: bool 
       takes any host.
     """
     begin = f"BEGIN READ {'ONLY' if read_only else 'WRITE'}; SET LOCAL statement_timeout = {timeout_ms}"
-    engine.sync_engine.update_execution_options(**{_PGBOUNCER_BEGIN: begin})
+    engine.sync_engine.update_execution_options(**{PGBOUNCER_BEGIN: begin})
 
     def on_begin(conn: sa.Connection) -> None:
         conn.exec_driver_sql(begin)

@@ -13,7 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..schemas import ImageResp
-from .db import audit_log, create_engine, deleted_images, images, revision_in_one_trip, uses_pgbouncer
+from .db import audit_log, create_engine, deleted_images, images, uses_pgbouncer
+from .onetrip import changes_in_one_trip, revision_in_one_trip, select_in_one_trip
 from .records import NOTIFY_CHANNEL, PUBLIC_NAMESPACE, Changes, Namespace, Stored, _utc, image_of_body
 from .standby import Standby, current_revision
 
@@ -80,24 +81,30 @@ class StoreReads:
 
     _current_revision = staticmethod(current_revision)
 
-    async def changes_since(self, since: int) -> Changes:
+    async def changes_since(self, since: int, upto: int | None = None) -> Changes:
         """Everything committed after revision ``since``, up to the current revision (at least the
-        primary's at the call: from the standby only when it has replayed that far)."""
+        primary's at the call: from the standby only when it has replayed that far), or up to ``upto``, a
+        revision read from the primary already (another worker's poll: revisionboard.py)."""
         standby = self.standby
         if standby is None:
             async with self.engine.connect() as conn:
                 if not self.pgbouncer:
-                    return await self._changes(await self._polling(conn), since)
-                # one round trip for a poll's usual answer, and the bound of the reads when there is more
-                revision = await revision_in_one_trip(conn)
+                    return await self._changes(await self._polling(conn), since, upto=upto)
+                # one round trip for a poll's usual answer, and one more for the changes when there are
+                revision = await revision_in_one_trip(conn) if upto is None else upto
                 if revision == since:
                     return Changes(revision=since, upserted=[], deleted=[])
-                return await self._changes(conn, since, upto=revision)
-        target = await self.revision()
+                rows, deleted = await changes_in_one_trip(conn, since, revision)
+                return Changes(
+                    revision=revision,
+                    upserted=[(bytes(body), int(at)) for body, at in rows],
+                    deleted=[(str(image_id), int(at)) for image_id, at in deleted],
+                )
+        target = await self.revision() if upto is None else upto
         if target == since:
             await standby.recheck(target)
             return Changes(revision=since, upserted=[], deleted=[])
-        changes = await standby.read(self.engine, target, lambda conn: self._changes(conn, since))
+        changes = await standby.read(self.engine, target, lambda conn: self._changes(conn, since, upto=upto))
         standby.note(changes.revision)
         return changes
 
@@ -166,10 +173,10 @@ class StoreReads:
 
     async def _load(self, conn: AsyncConnection, namespaces: Sequence[str]) -> Namespace:
         pooled = self.standby.pgbouncer if self.standby and self.standby.owns(conn) else self.pgbouncer
-        if pooled:  # the engine's BEGIN (READ WRITE, or READ ONLY on a standby) and statement timeout
-            await conn.begin()
         driver: Any = (await conn.get_raw_connection()).driver_connection
-        if self.is_postgres:
+        if pooled:  # the engine's BEGIN (READ WRITE, or READ ONLY on a standby), the load and COMMIT at once
+            rows = await select_in_one_trip(conn, _LOAD_POSTGRES, [list(namespaces)])
+        elif self.is_postgres:
             cursor = await driver.execute(_LOAD_POSTGRES, (list(namespaces),))
             rows = await cursor.fetchall()
         else:
