@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 PUBLIC = "public"
 SortKey = tuple[str, str]
 REFRESH_TIMEOUT = 1.0  # a request waits at most this long for the database before answering 503
-BOARD_LOOKS_PER_POLL = 4  # looks at the board per CE_POLL_INTERVAL (see poll_forever)
+BOARD_LOOKS_PER_POLL = 2  # looks at the board per CE_POLL_INTERVAL (see poll_forever): each wakes the
+# worker, which costs about 0.3 ms of CPU on a loaded machine; 4 cost 9 ms/s more than 2 for 4 idle workers
 RETRY_AFTER_FAILURE = 0.25  # after a failed refresh, requests answer 503 at once for this long
 LOAD_BATCH = 256  # orgs loaded by one query, at most
 CONCURRENT_LOADS = 2  # org-load queries in flight at once, at most
@@ -732,8 +733,8 @@ class Catalog:
         """Keep the read model fresh so requests never wait on the database: confirm it at least every
         ``interval``, by asking the database or (with a board) by another worker's answer."""
         failing = False
-        # With a board, a look at it costs microseconds: look often, so that a change another worker
-        # found is fetched soon after, while the database is still asked about once per interval.
+        # With a board, a look at it costs no query: look more often than the interval, so that a change
+        # another worker found is applied soon after, while the database is asked about once per interval.
         looks = interval / BOARD_LOOKS_PER_POLL
         while True:
             try:
