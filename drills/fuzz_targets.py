@@ -199,7 +199,7 @@ def _check_spec(spec: Any) -> None:
 # -------------------------------------------------------------------------------------------- targets
 
 
-_LIST = hotpath.ListImages()
+_LIST = hotpath.ListQueries()
 
 
 def query_target(data: bytes) -> None:
