@@ -17,15 +17,15 @@ from typing import Any
 import msgspec
 import pytest
 
+from cluster_engine.rules.catalog_entries import read_catalog_entries
 from cluster_engine.schemas import ImageCreateReq, ImageResp, ImageType
-from cluster_engine.server.catalog_entries import read_catalog_entries
 from cluster_engine.server.compact import BodyCodec
 from cluster_engine.server.errors import Unavailable
 from cluster_engine.server.readmodel import Catalog, loading
 from cluster_engine.server.validation import ListQuery
 from cluster_engine.storage import db
 from cluster_engine.storage.records import PUBLIC_NAMESPACE, Actor, Namespace
-from cluster_engine.storage.store import Store
+from cluster_engine.storage.store import opened
 
 from .conftest import STORES, Databases
 from .test_properties import BASE, FakeStore, version
@@ -331,8 +331,7 @@ def test_the_store_loads_many_orgs_in_one_statement_and_warm_starts_in_whole_org
     entries = _catalog_entries(orgs=12, per_org=5)
 
     async def run() -> None:
-        store = Store.open(url)
-        try:
+        async with opened(url) as store:
             report = await store.import_catalog(read_catalog_entries(entries))
             wanted = [str(org(o)) for o in (3, 4, 11)] + [str(uuid.uuid4())]
             loaded = await store.load_namespaces(wanted)
@@ -359,8 +358,6 @@ def test_the_store_loads_many_orgs_in_one_statement_and_warm_starts_in_whole_org
             await catalog.refresh()
             await catalog.preload(batch=7)
             assert catalog.complete and catalog.held()["Customized"] == 60
-        finally:
-            await store.close()
 
     asyncio.run(run())
 
@@ -382,8 +379,7 @@ def test_a_write_reaches_the_writing_process_read_model_without_reading_the_data
         return msgspec.convert({**fields, "name": name, "orgId": str(owner)}, ImageCreateReq)
 
     async def run() -> None:
-        store, other = Store.open(url), Store.open(url)
-        try:
+        async with opened(url) as store, opened(url) as other:
             catalog = Catalog(store)
             await catalog.refresh()
             await catalog.preload()
@@ -422,8 +418,5 @@ def test_a_write_reaches_the_writing_process_read_model_without_reading_the_data
             del store.changes_since, store.load_namespaces  # the real ones again
             await catalog.refresh()
             assert listed() == ["theirs"] and catalog.revision == 4
-        finally:
-            await store.close()
-            await other.close()
 
     asyncio.run(run())

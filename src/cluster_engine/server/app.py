@@ -28,8 +28,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
+from ..invalid import Invalid
 from ..schemas import json_encoder
 from ..storage import db
+from ..storage.errors import StoreError
 from ..storage.schema_check import UPGRADE_HINT, schema_problem
 from ..storage.standby import Standby
 from ..storage.store import Store
@@ -38,7 +40,7 @@ from .auth import Verifier
 from .bodydeadline import BodyDeadline
 from .config import Settings
 from .cors import with_cors
-from .errors import ApiError, MethodNotAllowed, NotFound, Unavailable
+from .errors import ApiError, MethodNotAllowed, NotFound, Unavailable, of_storage
 from .hotpath import GetImage, HotPath, ListImages
 from .keepalive import KeepAliveGuard
 from .observability import AccessLog, Metrics, Observability, Observer
@@ -55,6 +57,11 @@ SHUTDOWN_TIMEOUT = 5.0
 async def on_api_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return error_response(exc)
+
+
+async def on_store_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StoreError | Invalid)
+    return error_response(of_storage(exc))
 
 
 def _allowed_methods(request: Request) -> str:
@@ -235,6 +242,8 @@ def create_app(settings: Settings) -> KeepAliveGuard:
         ],
         exception_handlers={
             ApiError: on_api_error,
+            StoreError: on_store_error,
+            Invalid: on_store_error,
             HTTPException: on_http_exception,
             SQLAlchemyError: on_database_error,
             Exception: on_unexpected,

@@ -14,12 +14,12 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..deadline import within
 from ..schemas import ImageCreateReq, ImageResp, json_encoder
 from ..storage.records import Actor
 from ..storage.store import Store
 from . import bodies, validation, visibility, wire
 from .auth import Principal, Verifier
-from .deadline import within
 from .errors import PayloadTooLarge, RequestInvalid, Unavailable
 from .hotpath import request_headers
 from .observability import ORG_KEY

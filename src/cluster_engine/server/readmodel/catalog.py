@@ -24,10 +24,10 @@ import logging
 import time
 from collections.abc import Callable
 
+from ...deadline import within
 from ...storage.records import PUBLIC_NAMESPACE as PUBLIC
 from ...storage.records import Changes
 from ...storage.store import Store
-from ..deadline import within
 from ..errors import Unavailable
 from .loading import REFRESH_TIMEOUT, Loading
 from .view import View

@@ -16,10 +16,10 @@ import contextlib
 import logging
 import time
 
+from ...deadline import within
 from ...schemas import ImageType
 from ...storage.records import Stored
 from ...storage.store import Store
-from ..deadline import within
 from ..errors import Unavailable
 from .holdings import Holdings
 from .shelves import Shelf
