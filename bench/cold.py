@@ -63,7 +63,7 @@ def write_catalog(path: Path, orgs: int, per_org: int) -> list[str]:
 
 
 async def one_round(url: str, orgs: list[str]) -> dict[str, float]:
-    from cluster_engine.server.catalog import Catalog
+    from cluster_engine.server.readmodel import Catalog
     from cluster_engine.storage.store import Store
 
     figures: dict[str, float] = {}

@@ -38,11 +38,13 @@ import atheris  # type: ignore[import-untyped]
 with atheris.instrument_imports(include=["cluster_engine", "jwt"]):
     import jwt
 
+    from cluster_engine.invalid import Invalid
+    from cluster_engine.rules import catalog_entries
     from cluster_engine.schemas import json_encoder
-    from cluster_engine.server import bodies, catalog_entries, hotpath, images, validation
+    from cluster_engine.server import bodies, hotpath, images, validation
     from cluster_engine.server.auth import Verifier
     from cluster_engine.server.config import load_settings
-    from cluster_engine.server.errors import ApiError, RequestInvalid
+    from cluster_engine.server.errors import ApiError, RequestInvalid, of_storage
 
 from cluster_engine.testing.requests import BodyRequest
 
@@ -199,7 +201,7 @@ def _check_spec(spec: Any) -> None:
 # -------------------------------------------------------------------------------------------- targets
 
 
-_LIST = hotpath.ListImages()
+_LIST = hotpath.ListQueries()
 
 
 def query_target(data: bytes) -> None:
@@ -268,7 +270,11 @@ def bodies_target(data: bytes) -> None:
         elif which == 1:
             _check_spec(bodies.read_patch(current_image(), body))
         else:
-            for entry in catalog_entries.read_catalog_entries([body]):
+            try:
+                entries = catalog_entries.read_catalog_entries([body])
+            except Invalid as invalid:  # what the service answers it with (a 400)
+                raise of_storage(invalid) from None
+            for entry in entries:
                 _check_spec(entry.spec)
 
 

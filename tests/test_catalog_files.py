@@ -25,14 +25,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster_engine.cli.main import main
-from cluster_engine.schemas import ImageBootMode, ImageResp, ImageType, Partition, json_encoder
-from cluster_engine.server.catalog_entries import (
+from cluster_engine.invalid import Invalid
+from cluster_engine.rules.catalog_entries import (
     CatalogEntry,
     _checked_catalog_entry,
     _fast_catalog_entry,
     read_catalog_entries,
 )
-from cluster_engine.server.errors import Conflict, RequestInvalid
+from cluster_engine.schemas import ImageBootMode, ImageResp, ImageType, Partition, json_encoder
 from cluster_engine.storage import catalog_files, db
 from cluster_engine.storage.catalog_files import (
     CatalogFileError,
@@ -44,8 +44,9 @@ from cluster_engine.storage.catalog_files import (
     body_digest,
     exporting,
 )
+from cluster_engine.storage.errors import Duplicate
 from cluster_engine.storage.records import Ids, ImportReport, image_of_body, make_image
-from cluster_engine.storage.store import Store
+from cluster_engine.storage.store import Store, opened
 from cluster_engine.testing import image_body
 
 from .conftest import STORES, Databases
@@ -166,7 +167,7 @@ def test_the_fast_path_takes_valid_entries() -> None:
 
 
 def test_not_valid_entries_fall_through_to_the_checks_messages() -> None:
-    with pytest.raises(RequestInvalid) as caught:
+    with pytest.raises(Invalid) as caught:
         read_catalog_entries([raw("A"), raw("B", id="nope"), 7])
     assert [d.field for d in caught.value.details] == ["[1].id", "[2]"]
 
@@ -247,7 +248,7 @@ def test_the_rendered_body_is_the_stored_one() -> None:
 
 
 def problems(call: Callable[[], Any]) -> list[str]:
-    with pytest.raises(RequestInvalid) as caught:
+    with pytest.raises(Invalid) as caught:
         call()
     return [f"{d.field}: {d.reason}" for d in caught.value.details]
 
@@ -295,12 +296,12 @@ def test_names_swapped_and_rotated_wait_for_the_end() -> None:
 def test_a_name_taken_by_an_image_that_stays_is_a_conflict() -> None:
     stored = Stored()
     a, _ = stored.add("A"), stored.add("B")
-    with pytest.raises(Conflict, match="us-west-1/B: an image with this name already exists"):
+    with pytest.raises(Duplicate, match="us-west-1/B: an image with this name already exists"):
         plan(stored, [raw("B", id=str(a))])
-    with pytest.raises(Conflict, match="us-west-1/A"):  # a new id for a stored name
+    with pytest.raises(Duplicate, match="us-west-1/A"):  # a new id for a stored name
         plan(stored, [raw("A", id=str(uuid.uuid4()))])
     # updates are named before creates, as the store always did
-    with pytest.raises(Conflict, match="us-west-1/B"):
+    with pytest.raises(Duplicate, match="us-west-1/B"):
         plan(stored, [raw("A", id=str(uuid.uuid4())), raw("B", id=str(a), path="x")])
 
 
@@ -310,7 +311,7 @@ def test_prune_deletes_public_images_left_out_and_frees_their_names() -> None:
     stored.add("Own", image_type=ImageType.CUSTOMIZED)
     fresh = uuid.uuid4()
     items = [raw("Keep"), raw("Drop", id=str(fresh))]  # a new image takes the name of one pruned
-    with pytest.raises(Conflict):
+    with pytest.raises(Duplicate):
         plan(stored, items)
     report, now, later = plan(stored, items, prune=True)
     assert list(report.unchanged) == [keep] and list(report.deleted) == [drop]
@@ -428,7 +429,7 @@ def test_a_large_file_that_starts_like_json_is_json_only(monkeypatch: pytest.Mon
 
 def test_other_files_are_read_whole() -> None:
     assert read_items(b"- a: 1\n- b\n")[0] == [{"a": 1}, "b"]
-    with pytest.raises(RequestInvalid):
+    with pytest.raises(Invalid):
         read_items(b'{"a": 1}')
     with pytest.raises(CatalogFileError, match="not valid YAML or JSON"):
         read_items(b"- \xff\n")
@@ -551,11 +552,8 @@ def cli(tmp_path: Path, url: str) -> Run:
 
 def in_store(url: str, work: Callable[[Store], Any]) -> Any:
     async def run() -> Any:
-        store = Store.open(url, statement_timeout=None)
-        try:
+        async with opened(url, statement_timeout=None) as store:
             return await work(store)
-        finally:
-            await store.close()
 
     return asyncio.run(run())
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cluster_engine.server.deadline import within
+from cluster_engine.deadline import within
 
 
 async def _stubborn(finished: list[str], seconds: float) -> str:

@@ -24,7 +24,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cluster_engine.server.catalog_entries import read_catalog_entries
+from cluster_engine.rules.catalog_entries import read_catalog_entries
 from cluster_engine.storage import db
 from cluster_engine.storage.store import Store
 from cluster_engine.testing import LiveServer, free_port, image_body

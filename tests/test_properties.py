@@ -28,10 +28,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cluster_engine.schemas import ImageBootMode, ImageResp, ImageType, Partition, json_encoder
-from cluster_engine.server.auth import Principal
-from cluster_engine.server.catalog import Catalog, Rendered
 from cluster_engine.server.errors import Unavailable
-from cluster_engine.server.visibility import can_see_namespace
+from cluster_engine.server.readmodel import Catalog
+from cluster_engine.server.validation import ListQuery
+from cluster_engine.server.wire import Rendered
 from cluster_engine.storage.records import Changes, Namespace, Stored
 from cluster_engine.testing import LiveServer
 
@@ -247,10 +247,8 @@ class Validators:
 
 async def list_as(catalog: Catalog, org: uuid.UUID, idc: str | None, product: str | None) -> Rendered:
     """What GET /v1/images does once the caller is authenticated and the catalog is fresh."""
-    own = catalog.org_shelf(str(org))
-    if own is None:
-        own = await catalog.load_org(str(org))
-    return catalog.list_images(str(org), own, idc, product)
+    view = await catalog.load_org(str(org))
+    return view.list(ListQuery(idc, product))
 
 
 def check_served(body: list[dict[str, Any]], org: uuid.UUID) -> None:
@@ -280,19 +278,16 @@ async def check_catalog(catalog: Catalog, store: FakeStore, validators: Validato
                 validators.see(rendered)
                 again = await list_as(catalog, org, idc, product)  # from the response cache, if kept
                 assert (again.body, again.etag) == (rendered.body, rendered.etag)
-        # GET /v1/images/{id}: the caller's shelf is held, then visibility decides on the namespace
-        if catalog.org_shelf(str(org)) is None:
-            await catalog.load_org(str(org))
-        caller = Principal(org_id=org, scopes=frozenset())
+        # GET /v1/images/{id}: the caller's view is held, then visibility decides on the namespace
+        view = await catalog.load_org(str(org))
         for image_id in [*IDS, uuid.UUID(int=0)]:
-            entry = catalog.get(str(image_id))
-            shown = entry if entry is not None and can_see_namespace(caller, entry.namespace) else None
+            shown = view.get(str(image_id))
             image = model.get(image_id)
             if image is None or not is_visible(image, org):
                 assert shown is None, (org, image_id)
             else:
                 assert shown is not None, (org, image_id)
-                assert normalized(json.loads(catalog.item(shown).body)) == expected_items[image_id]
+                assert normalized(json.loads(shown.body)) == expected_items[image_id]
 
 
 # ---------------------------------------------------------------------------------------- operations

@@ -17,14 +17,15 @@ from typing import Any
 import msgspec
 import pytest
 
+from cluster_engine.rules.catalog_entries import read_catalog_entries
 from cluster_engine.schemas import ImageCreateReq, ImageResp, ImageType
-from cluster_engine.server import catalog as read_model
-from cluster_engine.server.catalog import Catalog
-from cluster_engine.server.catalog_entries import read_catalog_entries
+from cluster_engine.server.compact import BodyCodec
+from cluster_engine.server.errors import Unavailable
+from cluster_engine.server.readmodel import Catalog, loading
 from cluster_engine.server.validation import ListQuery
 from cluster_engine.storage import db
-from cluster_engine.storage.records import Actor, Namespace
-from cluster_engine.storage.store import Store
+from cluster_engine.storage.records import PUBLIC_NAMESPACE, Actor, Namespace
+from cluster_engine.storage.store import opened
 
 from .conftest import STORES, Databases
 from .test_properties import BASE, FakeStore, version
@@ -99,7 +100,7 @@ def test_a_burst_of_first_requests_shares_few_queries() -> None:
 
 
 def test_loads_never_wait_behind_a_batch_larger_than_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(read_model, "LOAD_BATCH", 4)
+    monkeypatch.setattr(loading, "LOAD_BATCH", 4)
 
     async def run() -> None:
         store, catalog = await refreshed()
@@ -115,8 +116,8 @@ def test_a_queue_of_loads_longer_than_the_deadline_is_no_503_while_each_query_is
 ) -> None:
     """The deadline bounds the database's answer, not the wait behind other orgs' loads: 40 orgs in
     batches of 4 take five times the (shortened) deadline in all, and every one of them is served."""
-    monkeypatch.setattr(read_model, "LOAD_BATCH", 4)
-    monkeypatch.setattr(read_model, "REFRESH_TIMEOUT", 0.03)  # each query takes 0.01 s
+    monkeypatch.setattr(loading, "LOAD_BATCH", 4)
+    monkeypatch.setattr(loading, "REFRESH_TIMEOUT", 0.03)  # each query takes 0.01 s
 
     async def run() -> None:
         store = populated()
@@ -148,7 +149,7 @@ def test_a_failed_batch_answers_every_waiter_unavailable_and_the_next_request_re
         outcomes = await asyncio.gather(
             *(catalog.load_org(str(org(1))) for _ in range(5)), return_exceptions=True
         )
-        assert all(isinstance(o, read_model.Unavailable) for o in outcomes)
+        assert all(isinstance(o, Unavailable) for o in outcomes)
         store.fail = False
         assert len(await catalog.load_org(str(org(1)))) == 1
 
@@ -168,14 +169,14 @@ def test_preload_holds_every_org_and_a_complete_catalog_needs_no_query_for_other
             "orgs": ORG_COUNT,
         }
         stranger = str(uuid.uuid4())
-        own = catalog.org_shelf(stranger)
+        own = catalog.held_view(stranger)
         assert own is not None and len(own) == 0
-        assert names(catalog.list_images(stranger, own, None, None)) == ["image-0", "image-1"]
+        assert names(own.list(ListQuery(None, None))) == ["image-0", "image-1"]
         # a new org's first image arrives through the changes: held, since the catalog is complete
         newcomer = uuid.uuid4()
         store.write((image(9, newcomer),), ())
         await catalog.refresh()
-        shelf = catalog.org_shelf(str(newcomer))
+        shelf = catalog.held_view(str(newcomer))
         assert shelf is not None and len(shelf) == 1
         assert store.loads == []
 
@@ -190,7 +191,7 @@ def test_preload_stops_at_the_bounds_with_whole_orgs_and_the_rest_load_on_first_
         await catalog.preload(batch=2)
         assert not catalog.complete
         assert catalog.held()["Customized"] == 9  # three whole orgs of three; a fourth would not fit
-        unheld = [str(org(o)) for o in range(1, ORG_COUNT + 1) if catalog.org_shelf(str(org(o))) is None]
+        unheld = [str(org(o)) for o in range(1, ORG_COUNT + 1) if catalog.held_view(str(org(o))) is None]
         assert len(unheld) == ORG_COUNT - 3
         assert len(await catalog.load_org(unheld[0])) == 3
 
@@ -221,18 +222,18 @@ def test_a_customized_write_drops_only_that_orgs_answers() -> None:
         await catalog.refresh()
         await catalog.preload()
         a, b = str(org(1)), str(org(2))
-        shelf_a, shelf_b = catalog.org_shelf(a), catalog.org_shelf(b)
-        assert shelf_a is not None and shelf_b is not None
-        answer_a = catalog.list_images(a, shelf_a, "us-west-1", None)
-        answer_b = catalog.list_images(b, shelf_b, "us-west-1", None)
+        view_a, view_b = catalog.held_view(a), catalog.held_view(b)
+        assert view_a is not None and view_b is not None
+        west = ListQuery("us-west-1", None)
+        answer_a, answer_b = view_a.list(west), view_b.list(west)
         store.write((image(7, org(1)),), ())
         await catalog.refresh()
-        assert catalog.list_images(b, shelf_b, "us-west-1", None) is answer_b  # untouched: still cached
-        again_a = catalog.list_images(a, shelf_a, "us-west-1", None)
+        assert view_b.list(west) is answer_b  # untouched: still cached
+        again_a = view_a.list(west)
         assert again_a is not answer_a and "image-7" in names(again_a)
         store.write((image(8, org(0), ImageType.PUBLIC),), ())  # everyone sees Public images
         await catalog.refresh()
-        assert "image-8" in names(catalog.list_images(b, shelf_b, "us-west-1", None))
+        assert "image-8" in names(view_b.list(west))
 
     asyncio.run(run())
 
@@ -244,11 +245,13 @@ def test_callers_with_nothing_of_their_own_in_a_selection_share_the_public_answe
         catalog = Catalog(store)  # type: ignore[arg-type]
         await catalog.refresh()
         await catalog.preload()
-        shelf_1, shelf_2 = catalog.org_shelf(str(org(1))), catalog.org_shelf(str(org(2)))
-        assert shelf_1 is not None and shelf_2 is not None
-        first = catalog.list_images(str(org(1)), shelf_1, "eu-1", None)
-        assert catalog.list_images("someone-else", read_model.EMPTY, "eu-1", None) is first
-        assert "image-3" in names(catalog.list_images(str(org(2)), shelf_2, "eu-1", None))
+        view_1, view_2 = catalog.held_view(str(org(1))), catalog.held_view(str(org(2)))
+        stranger = catalog.held_view("someone-else")  # complete: known to have nothing of its own
+        assert view_1 is not None and view_2 is not None and stranger is not None
+        eu = ListQuery("eu-1", None)
+        first = view_1.list(eu)
+        assert stranger.list(eu) is first
+        assert "image-3" in names(view_2.list(eu))
 
     asyncio.run(run())
 
@@ -269,26 +272,24 @@ def test_compressed_bodies_serve_the_same_bytes_as_bodies_held_as_they_are() -> 
             await catalog.refresh()
             await catalog.preload(batch=3)
         assert packed._codec.compressing and not plain._codec.compressing
-        customized = [e for e in packed._entries.values() if e.namespace != read_model.PUBLIC]
+        customized = [e for e in packed._entries.values() if e.namespace != PUBLIC_NAMESPACE]
         assert sum(e.json[0] != ord("{") for e in customized) == len(customized) - 40
 
         def same(step: str) -> None:
             for o in range(1, 31):
                 caller = str(org(o))
-                own_plain, own_packed = plain.org_shelf(caller), packed.org_shelf(caller)
+                own_plain, own_packed = plain.held_view(caller), packed.held_view(caller)
                 assert own_plain is not None and own_packed is not None
                 for idc in (None, "us-west-1", "eu-1"):
-                    a = plain.list_images(caller, own_plain, idc, None)
-                    b = packed.list_images(caller, own_packed, idc, None)
+                    a = own_plain.list(ListQuery(idc, None))
+                    b = own_packed.list(ListQuery(idc, None))
                     assert (a.body, a.etag) == (b.body, b.etag), (step, caller, idc)
                     query = ListQuery(idc=idc, product=None, limit=2)
-                    assert (
-                        plain.page(caller, own_plain, query).body
-                        == packed.page(caller, own_packed, query).body
-                    )
-                for entry in own_packed.all:
-                    held = plain.get(entry.id)
-                    assert held is not None and packed.item(entry).body == plain.item(held).body
+                    assert own_plain.list(query).body == own_packed.list(query).body
+                for entry in customized:
+                    if entry.namespace == caller:
+                        a_item, b_item = own_plain.get(entry.id), own_packed.get(entry.id)
+                        assert a_item is not None and b_item is not None and a_item.body == b_item.body
 
         same("preloaded")
         store.write((image(50, org(3), idc="eu-1"), image(51, org(0), ImageType.PUBLIC)), ())
@@ -303,7 +304,7 @@ def test_compressed_bodies_serve_the_same_bytes_as_bodies_held_as_they_are() -> 
 
 
 def test_a_sample_that_trains_no_dictionary_leaves_bodies_as_they_are() -> None:
-    codec = read_model.BodyCodec(train_after=3)
+    codec = BodyCodec(train_after=3)
     bodies = [b'{"id":"%d"}' % n for n in range(5)]  # far too little to train a dictionary on
     assert [codec.pack(body) for body in bodies] == bodies
     assert not codec.compressing and [codec.unpack(body) for body in bodies] == bodies
@@ -330,8 +331,7 @@ def test_the_store_loads_many_orgs_in_one_statement_and_warm_starts_in_whole_org
     entries = _catalog_entries(orgs=12, per_org=5)
 
     async def run() -> None:
-        store = Store.open(url)
-        try:
+        async with opened(url) as store:
             report = await store.import_catalog(read_catalog_entries(entries))
             wanted = [str(org(o)) for o in (3, 4, 11)] + [str(uuid.uuid4())]
             loaded = await store.load_namespaces(wanted)
@@ -358,8 +358,6 @@ def test_the_store_loads_many_orgs_in_one_statement_and_warm_starts_in_whole_org
             await catalog.refresh()
             await catalog.preload(batch=7)
             assert catalog.complete and catalog.held()["Customized"] == 60
-        finally:
-            await store.close()
 
     asyncio.run(run())
 
@@ -381,8 +379,7 @@ def test_a_write_reaches_the_writing_process_read_model_without_reading_the_data
         return msgspec.convert({**fields, "name": name, "orgId": str(owner)}, ImageCreateReq)
 
     async def run() -> None:
-        store, other = Store.open(url), Store.open(url)
-        try:
+        async with opened(url) as store, opened(url) as other:
             catalog = Catalog(store)
             await catalog.refresh()
             await catalog.preload()
@@ -398,9 +395,9 @@ def test_a_write_reaches_the_writing_process_read_model_without_reading_the_data
             store.load_namespaces = counted  # type: ignore[method-assign]
 
             def listed() -> list[str]:
-                shelf = catalog.org_shelf(str(owner))
-                assert shelf is not None
-                return names(catalog.list_images(str(owner), shelf, None, None))
+                view = catalog.held_view(str(owner))
+                assert view is not None
+                return names(view.list(ListQuery(None, None)))
 
             catalog.confirmed_at = float("-inf")  # a poller that has not confirmed for a long while
             created = await store.create_image(spec("first"), ImageType.CUSTOMIZED, ACTOR)
@@ -421,8 +418,5 @@ def test_a_write_reaches_the_writing_process_read_model_without_reading_the_data
             del store.changes_since, store.load_namespaces  # the real ones again
             await catalog.refresh()
             assert listed() == ["theirs"] and catalog.revision == 4
-        finally:
-            await store.close()
-            await other.close()
 
     asyncio.run(run())

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from cluster_engine.schemas import ImageType
-from cluster_engine.server.catalog import Catalog
+from cluster_engine.server.readmodel import Catalog
 from cluster_engine.server.revisionboard import RevisionBoard
 from cluster_engine.storage.records import Changes
 from cluster_engine.testing import LiveServer, image_body

@@ -13,9 +13,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cluster_engine.invalid import Invalid
+from cluster_engine.rules.catalog_entries import read_catalog_entries
 from cluster_engine.schemas import ImageType, ValidationDetail
 from cluster_engine.server.bodies import read_image_create
-from cluster_engine.server.catalog_entries import read_catalog_entries
 from cluster_engine.server.errors import RequestInvalid
 from cluster_engine.server.validation import ListQuery, image_id, list_query, original
 from cluster_engine.testing.samples import image_body, image_spec
@@ -452,8 +453,8 @@ def test_arbitrary_bodies_never_crash_and_details_are_well_formed(
 # --------------------------------------------------------------------------------- read_catalog_entries
 
 
-def catalog_error(data: Any) -> RequestInvalid:
-    with pytest.raises(RequestInvalid) as caught:
+def catalog_error(data: Any) -> Invalid:
+    with pytest.raises(Invalid) as caught:
         read_catalog_entries(data)
     for item in caught.value.details:
         assert isinstance(item.originalValue, str) and len(item.originalValue) <= ORIGINAL_MAX

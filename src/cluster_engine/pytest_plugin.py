@@ -129,8 +129,10 @@ class Catalog:
         in the order of the entries. A catalog the import rejects raises ValueError, saying why."""
         import yaml
 
-        from .server.catalog_entries import read_catalog_entries
-        from .server.errors import ApiError, RequestInvalid
+        from .invalid import Invalid
+        from .rules.catalog_entries import read_catalog_entries
+        from .server.errors import ApiError
+        from .storage.errors import StoreError
         from .storage.records import Actor
 
         if isinstance(source, str | Path):
@@ -141,10 +143,10 @@ class Catalog:
         try:
             parsed = read_catalog_entries(entries)
             report = self._in_store(lambda store: store.import_catalog(parsed, prune=replace, actor=actor))
-        except RequestInvalid as exc:
+        except Invalid as exc:
             lines = [f"{d.field}: {d.reason} (got {d.originalValue!r})" for d in exc.details]
             raise ValueError("\n".join([f"catalog rejected: {exc}", *lines])) from None
-        except ApiError as exc:
+        except (ApiError, StoreError) as exc:
             raise ValueError(f"catalog rejected: {exc}") from None
         if report.revision is not None:
             self.server.wait_synced()
@@ -177,7 +179,7 @@ class Catalog:
     def _in_store(self, work: Callable[[Store], Coroutine[Any, Any, T]]) -> T:
         """Run ``work`` on the server's database, on an event loop and in a thread of its own (the caller
         may be inside an event loop, as async tests are)."""
-        from .storage.store import Store
+        from .storage.store import opened
         from .testing import run_sync
 
         database_url = self.server.database_url
@@ -188,11 +190,8 @@ class Catalog:
             )
 
         async def run() -> T:
-            store = Store.open(database_url, statement_timeout=None)
-            try:
+            async with opened(database_url, statement_timeout=None) as store:
                 return await work(store)
-            finally:
-                await store.close()
 
         return run_sync(run)
 

@@ -65,8 +65,10 @@ def catalog() -> None:
 @needs_server
 def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     """Create or update the images in FILE (YAML or JSON list) in one transaction; idempotent."""
-    from ..server.errors import ApiError, RequestInvalid
+    from ..invalid import Invalid
+    from ..server.errors import ApiError
     from ..storage import catalog_files, db
+    from ..storage.errors import StoreError
 
     settings = _settings()
     try:
@@ -86,14 +88,14 @@ def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
         )
     except catalog_files.CatalogFileError as exc:
         raise click.ClickException(str(exc)) from None
-    except RequestInvalid as exc:
+    except Invalid as exc:
         for item in exc.details:
             click.echo(f"{file.name}: {item.field}: {item.reason} (got {item.originalValue!r})", err=True)
         omitted = getattr(exc, "omitted", 0)
         if omitted:
             click.echo(f"{file.name}: … and {omitted:,} more problems", err=True)
         raise SystemExit(3) from None
-    except ApiError as exc:
+    except (ApiError, StoreError) as exc:
         raise click.ClickException(str(exc)) from None
     summary = report.summary()
     if not prune:

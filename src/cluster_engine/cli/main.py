@@ -62,14 +62,11 @@ def _with_store(
     """Run ``work`` against a store opened for this one command, and close it."""
     import asyncio
 
-    from ..storage.store import Store
+    from ..storage.store import opened
 
     async def run() -> T:
-        store = Store.open(settings.database_url, statement_timeout=statement_timeout)
-        try:
+        async with opened(settings.database_url, statement_timeout=statement_timeout) as store:
             return await work(store)
-        finally:
-            await store.close()
 
     return asyncio.run(run())
 
@@ -119,7 +116,7 @@ def main() -> None:
 
 
 async def _load_demo(store: Store) -> str:
-    from ..server.catalog_entries import read_catalog_entries
+    from ..rules.catalog_entries import read_catalog_entries
 
     if await store.count():
         return "not loaded (the catalog already has images)"

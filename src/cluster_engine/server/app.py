@@ -28,36 +28,40 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
+from ..invalid import Invalid
 from ..schemas import json_encoder
 from ..storage import db
+from ..storage.errors import StoreError
 from ..storage.schema_check import UPGRADE_HINT, schema_problem
 from ..storage.standby import Standby
 from ..storage.store import Store
 from . import docs_page, images, logformat, openapi, revisionboard
 from .auth import Verifier
 from .bodydeadline import BodyDeadline
-from .catalog import Catalog
 from .config import Settings
 from .cors import with_cors
-from .errors import INTERNAL_ERROR_BODY, ApiError, MethodNotAllowed, NotFound, Unavailable
+from .errors import ApiError, MethodNotAllowed, NotFound, Unavailable, of_storage
 from .hotpath import GetImage, HotPath, ListImages
 from .keepalive import KeepAliveGuard
 from .observability import AccessLog, Metrics, Observability, Observer
 from .prefix import Rejoin
 from .ratelimit import Buckets, Rate, RateLimit
+from .readmodel import Catalog
+from .wire import INTERNAL_ERROR_ANSWER, JSON_TYPE, error_response, response
 
 log = logging.getLogger(__name__)
-JSON = "application/json"
+JSON = JSON_TYPE
 SHUTDOWN_TIMEOUT = 5.0
-
-
-def _error_response(error: ApiError) -> Response:
-    return Response(error.body(), status_code=error.status, media_type=JSON, headers=error.headers())
 
 
 async def on_api_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return _error_response(exc)
+    return error_response(exc)
+
+
+async def on_store_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StoreError | Invalid)
+    return error_response(of_storage(exc))
 
 
 def _allowed_methods(request: Request) -> str:
@@ -72,25 +76,25 @@ def _allowed_methods(request: Request) -> str:
 async def on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        response = _error_response(MethodNotAllowed("method not allowed"))
+        response = error_response(MethodNotAllowed("method not allowed"))
         response.headers["Allow"] = _allowed_methods(request)
         return response
     if exc.status_code == 404:
-        return _error_response(NotFound("not found"))
-    return _error_response(ApiError(exc.detail if exc.status_code < 500 else ""))
+        return error_response(NotFound("not found"))
+    return error_response(ApiError(exc.detail if exc.status_code < 500 else ""))
 
 
 async def on_database_error(_request: Request, exc: Exception) -> Response:
     """A database that is down, unreachable, or too slow is a 503; anything else it raises is a bug."""
     if isinstance(exc, OperationalError | InterfaceError | DisconnectionError | PoolTimeout):
         log.warning("database unavailable: %s", exc.__class__.__name__)
-        return _error_response(Unavailable())
+        return error_response(Unavailable())
     return await on_unexpected(_request, exc)
 
 
 async def on_unexpected(_request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
-    return Response(INTERNAL_ERROR_BODY, status_code=500, media_type=JSON)
+    return response(INTERNAL_ERROR_ANSWER)
 
 
 async def healthz(_request: Request) -> Response:
@@ -105,13 +109,13 @@ async def readyz(request: Request) -> Response:
     try:
         problem = await asyncio.wait_for(schema_problem(store), timeout=1.0)
     except Exception:
-        return _error_response(Unavailable())
+        return error_response(Unavailable())
     if problem is not None:
-        return _error_response(Unavailable(f"{problem}: {UPGRADE_HINT}"))
+        return error_response(Unavailable(f"{problem}: {UPGRADE_HINT}"))
     try:
         await catalog.ensure_fresh()
     except Exception:
-        return _error_response(Unavailable())
+        return error_response(Unavailable())
     body = {"status": "ready", "revision": catalog.revision, "images": len(catalog)}
     return Response(json_encoder.encode(body), media_type=JSON)
 
@@ -143,6 +147,25 @@ async def _report_state(catalog: Catalog, store: Store, metrics: Metrics, observ
         await asyncio.sleep(1.0)
 
 
+def open_store(settings: Settings) -> Store:
+    """The store ``settings`` ask for (connections open on first use; ``Store.close`` closes them)."""
+    return Store(
+        db.create_engine(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_pool_overflow,
+        ),
+        settings.database_url,
+        standby=None
+        if settings.database_read_url is None
+        else Standby.open(
+            settings.database_read_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_pool_overflow,
+        ),
+    )
+
+
 def create_app(settings: Settings) -> KeepAliveGuard:
     verifier = Verifier(settings)
     metrics = Metrics()
@@ -153,41 +176,23 @@ def create_app(settings: Settings) -> KeepAliveGuard:
         else None
     )
     observer = Observer(metrics, access_log, log_probes=settings.access_log_probes)
-    list_images, get_image = ListImages(), GetImage()
+    store = open_store(settings)
+    catalog = Catalog(
+        store,
+        freshness_bound=settings.freshness_bound,
+        cache_size=settings.response_cache_size,
+        max_images=settings.cache_images,
+        max_orgs=settings.cache_orgs,
+        compress_after=2000 if settings.cache_compress else None,
+        board=revisionboard.inherited(),
+    )
+    catalog.on_refresh_failure = lambda: metrics.db_errors.labels("refresh").inc()
+    catalog.on_poll = lambda source: metrics.catalog_polls.labels(source).inc()
+    store.on_commit = catalog.apply_own
+    list_images, get_image = ListImages(catalog, verifier), GetImage(catalog, verifier)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store(
-            db.create_engine(
-                settings.database_url,
-                pool_size=settings.db_pool_size,
-                max_overflow=settings.db_pool_overflow,
-            ),
-            settings.database_url,
-            standby=None
-            if settings.database_read_url is None
-            else Standby.open(
-                settings.database_read_url,
-                pool_size=settings.db_pool_size,
-                max_overflow=settings.db_pool_overflow,
-            ),
-        )
-        catalog = Catalog(
-            store,
-            freshness_bound=settings.freshness_bound,
-            cache_size=settings.response_cache_size,
-            max_images=settings.cache_images,
-            max_orgs=settings.cache_orgs,
-            compress_after=2000 if settings.cache_compress else None,
-            board=revisionboard.inherited(),
-        )
-        catalog.on_refresh_failure = lambda: metrics.db_errors.labels("refresh").inc()
-        catalog.on_poll = lambda source: metrics.catalog_polls.labels(source).inc()
-        store.on_commit = catalog.apply_own
-        app.state.store = store
-        app.state.catalog = catalog
-        list_images.bind(catalog, verifier)
-        get_image.bind(catalog, verifier)
         # Building the read model allocates up to millions of long-lived objects: the cyclic collector would
         # traverse them again and again meanwhile (start-up grows with their square), and afterwards on every
         # full collection that requests' garbage triggers (100+ ms each at a million images). So it is off
@@ -239,6 +244,8 @@ def create_app(settings: Settings) -> KeepAliveGuard:
         ],
         exception_handlers={
             ApiError: on_api_error,
+            StoreError: on_store_error,
+            Invalid: on_store_error,
             HTTPException: on_http_exception,
             SQLAlchemyError: on_database_error,
             Exception: on_unexpected,
@@ -246,6 +253,8 @@ def create_app(settings: Settings) -> KeepAliveGuard:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.store = store
+    app.state.catalog = catalog
     app.state.verifier = verifier
     app.state.metrics = metrics
     served: Any = HotPath(

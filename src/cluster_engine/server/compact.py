@@ -7,7 +7,7 @@ decompressing one costs 1-3 µs. That is what lets a worker hold a million Custo
 1 GiB (see the README's Performance section).
 
 Only Customized bodies are compressed. Public ones appear in every caller's answers and stay as they are;
-an org's answers are cached once rendered (``Catalog.list_images``), so a Customized body is decompressed
+an org's answers are cached once rendered (readmodel/answers.py), so a Customized body is decompressed
 when an answer showing it is rendered again, not on every request.
 
 Until ``train_after`` bodies have been packed they are kept as they are, and they are the training sample.

@@ -12,6 +12,9 @@
      ├── TooManyRequests           429     error{reason} + Retry-After (CE_RATE_LIMIT)
      └── Unavailable               503     error{reason: "database is unavailable"} + Retry-After
 
+What the store refuses (storage/errors.py, and a catalog file's ``Invalid`` problems) becomes one of these
+in ``of_storage``, the one place that maps them: ``Duplicate`` 409, ``ImageMissing`` 404, ``Invalid`` 400.
+
 Anything else that escapes a handler is a 500 ``error{reason: "internal server error"}``; the
 traceback goes to the log, never into the body.
 """
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..invalid import INVALID_REQUEST, Invalid
 from ..schemas import Error, ErrorStatusMessage, ValidationDetail, json_encoder
+from ..storage.errors import Duplicate, ImageMissing, StoreError
 
 INVALID_TOKEN = "Invalid access token."
 EXPIRED_TOKEN = "Expired access token."
@@ -38,14 +43,11 @@ class ApiError(Exception):
         return {}
 
 
-class RequestInvalid(ApiError):
+class RequestInvalid(ApiError, Invalid):
     status = 400
 
-    def __init__(
-        self, details: Sequence[ValidationDetail], message: str = "Invalid request parameters."
-    ) -> None:
-        super().__init__(message)
-        self.details = list(details)
+    def __init__(self, details: Sequence[ValidationDetail], message: str = INVALID_REQUEST) -> None:
+        Invalid.__init__(self, details, message)
 
     def body(self) -> bytes:
         return json_encoder.encode(
@@ -147,3 +149,16 @@ class TooManyRequests(ApiError):
 
 
 INTERNAL_ERROR_BODY = json_encoder.encode(Error(reason=INTERNAL_ERROR))
+
+
+def of_storage(error: StoreError | Invalid) -> ApiError:
+    """The contract's answer to what the store refused (its message is the reason shown)."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, Invalid):
+        return RequestInvalid(error.details, str(error))
+    if isinstance(error, Duplicate):
+        return Conflict(str(error))
+    if isinstance(error, ImageMissing):
+        return NotFound(str(error))
+    return ApiError()  # a refusal without a contract answer: a 500

@@ -21,47 +21,22 @@ from urllib.parse import parse_qsl
 
 from . import validation, visibility
 from .auth import SEVERAL_AUTHORIZATIONS, Verifier
-from .catalog import Catalog, Rendered
-from .errors import INTERNAL_ERROR_BODY, ApiError, NotFound
+from .errors import ApiError, NotFound
 from .observability import ORG_KEY, REQUEST_ID, Observer
 from .prefix import API, Prefixes
+from .readmodel import Catalog
+from .wire import INTERNAL_ERROR_ANSWER, ITEM_PREFIX, ITEM_ROUTE, LIST_PATH, Answer, Headers, error_answer
 
 log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
-Headers = list[tuple[bytes, bytes]]
-
-LIST_PATH = "/v1/images"
-ITEM_PREFIX = "/v1/images/"
-ITEM_ROUTE = "/v1/images/{id}"
-JSON = b"application/json"
 _QUERY_CACHE_SIZE = 4096
 _LIST_PARAMETERS = frozenset(("idc", "product", "limit", "cursor"))
-
-
-def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
-    """Weak comparison (RFC 9110 §13.1.2) of an If-None-Match list against our strong ETag."""
-    if if_none_match.strip() == b"*":
-        return True
-    for candidate in if_none_match.split(b","):
-        candidate = candidate.strip()
-        if candidate.startswith(b"W/"):
-            candidate = candidate[2:]
-        if candidate == etag:
-            return True
-    return False
 
 
 async def send_answer(send: Any, status: int, headers: Headers, body: bytes, head: bool = False) -> None:
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else body})
-
-
-def error_answer(error: ApiError) -> tuple[int, Headers, bytes]:
-    body = error.body()
-    headers = [(b"content-type", JSON), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers().items()]
-    return error.status, headers, body
 
 
 def request_headers(scope: Scope) -> tuple[bytes | None, bytes | None, bytes | None]:
@@ -79,13 +54,9 @@ def request_headers(scope: Scope) -> tuple[bytes | None, bytes | None, bytes | N
 
 
 class _ReadEndpoint:
-    """Shared plumbing: resolve the app's state lazily (it exists only after lifespan startup)."""
+    """Shared plumbing: the read model and the verifier, and errors turned into answers."""
 
-    def __init__(self) -> None:
-        self.catalog: Catalog | None = None
-        self.verifier: Verifier | None = None
-
-    def bind(self, catalog: Catalog, verifier: Verifier) -> None:
+    def __init__(self, catalog: Catalog, verifier: Verifier) -> None:
         self.catalog, self.verifier = catalog, verifier
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -96,33 +67,23 @@ class _ReadEndpoint:
 
     async def answer_safely(
         self, scope: Scope, authorization: bytes | None, if_none_match: bytes | None
-    ) -> tuple[int, Headers, bytes]:
+    ) -> Answer:
         try:
             return await self.answer(scope, authorization, if_none_match)
         except ApiError as error:
             return error_answer(error)
         except Exception:
             log.exception("unhandled error on %s", scope.get("path"))
-            return (
-                500,
-                [(b"content-type", JSON), (b"content-length", str(len(INTERNAL_ERROR_BODY)).encode())],
-                INTERNAL_ERROR_BODY,
-            )
+            return INTERNAL_ERROR_ANSWER
 
-    async def answer(
-        self, scope: Scope, authorization: bytes | None, if_none_match: bytes | None
-    ) -> tuple[int, Headers, bytes]:
+    async def answer(self, scope: Scope, authorization: bytes | None, if_none_match: bytes | None) -> Answer:
         raise NotImplementedError
 
-    def rendered_answer(self, rendered: Rendered, if_none_match: bytes | None) -> tuple[int, Headers, bytes]:
-        if if_none_match is not None and etag_matches(if_none_match, rendered.etag):
-            return 304, rendered.headers_304, b""
-        return 200, rendered.headers, rendered.body
 
+class ListQueries:
+    """Query strings of ``GET /v1/images`` parsed once (a bounded cache of the valid ones)."""
 
-class ListImages(_ReadEndpoint):
     def __init__(self) -> None:
-        super().__init__()
         self._queries: dict[bytes, validation.ListQuery] = {}
 
     def _query(self, raw: bytes) -> validation.ListQuery:
@@ -138,29 +99,23 @@ class ListImages(_ReadEndpoint):
             self._queries[raw] = query
         return query
 
-    async def answer(
-        self, scope: Scope, authorization: bytes | None, if_none_match: bytes | None
-    ) -> tuple[int, Headers, bytes]:
-        catalog, verifier = self.catalog, self.verifier
-        assert catalog is not None and verifier is not None
-        caller = verifier.authenticate(authorization)
+
+class ListImages(_ReadEndpoint, ListQueries):
+    def __init__(self, catalog: Catalog, verifier: Verifier) -> None:
+        _ReadEndpoint.__init__(self, catalog, verifier)
+        ListQueries.__init__(self)
+
+    async def answer(self, scope: Scope, authorization: bytes | None, if_none_match: bytes | None) -> Answer:
+        caller = self.verifier.authenticate(authorization)
         scope[ORG_KEY] = caller.org
         query = self._query(scope["query_string"])
-        if not catalog.is_fresh():
-            await catalog.ensure_fresh()
-        own = catalog.org_shelf(caller.org)
-        if own is None:
-            own = await catalog.load_org(caller.org)
-        if query.limit is None and query.after is None:
-            rendered = catalog.list_images(caller.org, own, query.idc, query.product)
-        else:
-            rendered = catalog.page(caller.org, own, query)
-        return self.rendered_answer(rendered, if_none_match)
+        view = await self.catalog.view(caller.org)
+        return view.list(query).answer(if_none_match)
 
 
 class GetImage(_ReadEndpoint):
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, catalog: Catalog, verifier: Verifier) -> None:
+        super().__init__(catalog, verifier)
         self._ids: dict[str, str] = {}  # path segment -> canonical id, for ids asked for again
 
     def _image_id(self, raw: str) -> str:
@@ -172,22 +127,14 @@ class GetImage(_ReadEndpoint):
             self._ids[raw] = image_id
         return image_id
 
-    async def answer(
-        self, scope: Scope, authorization: bytes | None, if_none_match: bytes | None
-    ) -> tuple[int, Headers, bytes]:
-        catalog, verifier = self.catalog, self.verifier
-        assert catalog is not None and verifier is not None
-        caller = verifier.authenticate(authorization)
+    async def answer(self, scope: Scope, authorization: bytes | None, if_none_match: bytes | None) -> Answer:
+        caller = self.verifier.authenticate(authorization)
         scope[ORG_KEY] = caller.org
         image_id = self._image_id(scope["path"][len(ITEM_PREFIX) :])
-        if not catalog.is_fresh():
-            await catalog.ensure_fresh()
-        if catalog.org_shelf(caller.org) is None:
-            await catalog.load_org(caller.org)  # every image the caller may see is now held
-        entry = catalog.get(image_id)
-        if entry is None or not visibility.can_see_namespace(caller, entry.namespace):
+        rendered = (await self.catalog.view(caller.org)).get(image_id)
+        if rendered is None:  # an image the caller may not see is the same 404 as a missing one
             raise NotFound(visibility.NOT_FOUND)
-        return self.rendered_answer(catalog.item(entry), if_none_match)
+        return rendered.answer(if_none_match)
 
 
 class HotPath:

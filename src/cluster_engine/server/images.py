@@ -14,24 +14,25 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..deadline import within
 from ..schemas import ImageCreateReq, ImageResp, json_encoder
 from ..storage.records import Actor
 from ..storage.store import Store
-from . import bodies, catalog, validation, visibility
+from . import bodies, validation, visibility, wire
 from .auth import Principal, Verifier
-from .deadline import within
 from .errors import PayloadTooLarge, RequestInvalid, Unavailable
 from .hotpath import request_headers
 from .observability import ORG_KEY
+from .readmodel import Catalog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-JSON = "application/json"
+JSON = wire.JSON_TYPE
 # A write that has no answer from the database by then is a 503 (statement_timeout is 5 s: a live but
 # slow database answers before this, with its own error).
 WRITE_DEADLINE = 6.0
-CACHE_CONTROL = "private, max-age=0"
+CACHE_CONTROL = wire.CACHE_CONTROL.decode()
 MAX_BODY = 1024 * 1024
 DRAIN_MAX = 16 * MAX_BODY  # an oversized body up to this size is read (and dropped) before the 413
 DRAIN_SECONDS = 5.0
@@ -39,7 +40,7 @@ TOO_LARGE = "request body is larger than 1 MiB"
 
 
 def etag_of(body: bytes) -> str:
-    return catalog.etag_of(body).decode()
+    return wire.etag_of(body).decode()
 
 
 def principal(request: Request) -> Principal:
@@ -115,7 +116,7 @@ async def _bounded(request: Request, write: Awaitable[T]) -> T:
     async def write_then_catch_up() -> T:
         result = await write
         store: Store = request.app.state.store
-        read_model: catalog.Catalog = request.app.state.catalog
+        read_model: Catalog = request.app.state.catalog
         if read_model.is_fresh() and (read_model.revision or 0) >= store.committed_revision:
             return result
         # A refresh that fails here most likely met a pooled connection to a node that went away or was

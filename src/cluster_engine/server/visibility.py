@@ -24,7 +24,12 @@ def can_see(caller: Principal, image_type: ImageType, owner: uuid.UUID) -> bool:
 
 def can_see_namespace(caller: Principal, namespace: str) -> bool:
     """``can_see`` for the read model's representation: "public", or the owner org's id text."""
-    return namespace == PUBLIC_NAMESPACE or namespace == caller.org
+    return org_sees(caller.org, namespace)
+
+
+def org_sees(org: str, namespace: str) -> bool:
+    """``can_see_namespace`` for an org's id text (the read model's views are per org)."""
+    return namespace in (PUBLIC_NAMESPACE, org)
 
 
 def can_manage(caller: Principal, image_type: ImageType, owner: uuid.UUID) -> bool:

@@ -9,11 +9,11 @@ shared by the fleet's polls and org loads runs dry. Here the BEGIN, the SELECTs 
 simple query (no parameters: values are written into the statement as literals, by psycopg's quoting or
 as integers), so a transaction holds a server connection only while the server runs it.
 
-Only for an engine made for PgBouncer (``db.create_engine`` of a ``pgbouncer=true`` URL: its BEGIN is an
-execution option). An error invalidates the connection (the server's transaction may be left open) and
-is raised as SQLAlchemy's, so that it is handled like any other; READ WRITE refused (0A000: the node behind
-PgBouncer is a standby now) also drops the pool's connections, as ``db._through_pgbouncer``'s
-``on_error`` does, as an OperationalError.
+Only for an engine made for PgBouncer (``db.create_engine`` of a ``pgbouncer=true`` URL: its BEGIN is the
+execution option ``connections.PGBOUNCER_BEGIN``). An error invalidates the connection (the server's
+transaction may be left open) and is raised as SQLAlchemy's, so that it is handled like any other; READ
+WRITE refused (0A000: the node behind PgBouncer is a standby now) also drops the pool's connections, as
+``connections.through_pgbouncer``'s ``on_error`` does, as an OperationalError.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .db import PGBOUNCER_BEGIN
+from .connections import PGBOUNCER_BEGIN
 
 REVISION = "SELECT revision FROM catalog_state WHERE id = 1"
 

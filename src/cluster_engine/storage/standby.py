@@ -34,7 +34,7 @@ from typing import TypeVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ..server.deadline import within
+from ..deadline import within
 from .db import catalog_state, create_engine, uses_pgbouncer
 
 log = logging.getLogger(__name__)

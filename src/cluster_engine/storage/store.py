@@ -7,10 +7,11 @@ that has applied revision R asks for rows stamped above R, so it can follow the 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -20,10 +21,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ..rules.catalog_entries import CatalogEntry
 from ..schemas import ImageCreateReq, ImageResp, ImageType, json_encoder
-from ..server.catalog_entries import CatalogEntry
-from ..server.errors import Conflict, NotFound
 from .db import audit_log, catalog_state, deleted_images, images
+from .errors import Duplicate, ImageMissing
 from .reads import StoreReads
 from .records import (
     DUPLICATE,
@@ -141,7 +142,7 @@ class Store(StoreReads):
                 )
                 await self._audit(conn, revision, actor, [("create", image.id, _snapshot(image))])
         except IntegrityError:
-            raise Conflict(DUPLICATE) from None
+            raise Duplicate(DUPLICATE) from None
         self._committed(began, revision, [(body, revision)], [])
         return image
 
@@ -155,7 +156,7 @@ class Store(StoreReads):
                 revision = await self._bump(conn)
                 row = await self._row(conn, image_id, lock=True)
                 if row is None:
-                    raise NotFound(IMAGE_NOT_FOUND)
+                    raise ImageMissing(IMAGE_NOT_FOUND)
                 before = image_of_body(row.body)
                 spec = change(before)
                 values = {**_columns(spec), "namespace": namespace_of(before.type, spec.orgId)}
@@ -176,7 +177,7 @@ class Store(StoreReads):
                 )
                 await self._audit(conn, revision, actor, [("update", image_id, _diff(before, after))])
         except IntegrityError:
-            raise Conflict(DUPLICATE) from None
+            raise Duplicate(DUPLICATE) from None
         self._committed(began, revision, [(body, revision)], [])
         return after
 
@@ -190,7 +191,7 @@ class Store(StoreReads):
             revision = await self._bump(conn)
             body = (await conn.execute(_DELETE_IMAGE, {"image_id": image_id})).scalar_one_or_none()
             if body is None:
-                raise NotFound(IMAGE_NOT_FOUND)
+                raise ImageMissing(IMAGE_NOT_FOUND)
             image = image_of_body(body)
             check(image)
             await conn.execute(_TOMBSTONE[conn.dialect.name], {"id": image_id, "revision": revision})
@@ -227,3 +228,14 @@ def _same(stored: Any, wanted: Any) -> bool:
     if isinstance(stored, dt.datetime) and isinstance(wanted, dt.datetime):
         return _utc(stored) == _utc(wanted)
     return bool(stored == wanted)
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str, *, statement_timeout: float | None = 5.0) -> AsyncIterator[Store]:
+    """A store on ``url`` for the block, closed after it (also when the block fails): for the CLI's commands,
+    the pytest plugin and tests. ``statement_timeout``: as ``db.create_engine``'s (None: none)."""
+    store = Store.open(url, statement_timeout=statement_timeout)
+    try:
+        yield store
+    finally:
+        await store.close()

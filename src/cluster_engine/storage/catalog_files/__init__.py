@@ -17,12 +17,13 @@ byte what ``json.dumps(…, indent=2)`` and ``yaml.safe_dump`` of the whole list
 
 from __future__ import annotations
 
+from ..records import namespace_of
 from .exporting import export_catalog
 from .importing import import_entries, import_source
 from .planning import ExistingIndex, Plan, Planner, Write
 from .progress import QUIET, Progress
 from .reading import CatalogSource
-from .shared import CatalogFileError, CatalogInvalid, body_digest, identity_key, namespace_of
+from .shared import CatalogFileError, CatalogInvalid, body_digest, identity_key
 
 __all__ = [
     "QUIET",

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ...rules.catalog_entries import CatalogEntry, read_catalog_entry
 from ...schemas import ValidationDetail
-from ...server.catalog_entries import CatalogEntry, read_catalog_entry
-from ...server.errors import Conflict
+from ..errors import Duplicate
+from ..records import DUPLICATE
 from .planning import Plan, Planner, Write
 from .progress import QUIET, Progress
 from .reading import CatalogSource, _NotJson
-from .shared import DUPLICATE, _Problems
+from .shared import _Problems
 from .sql import _Database, _database
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ async def import_source(
     progress: Progress = QUIET,
 ) -> ImportReport:
     """Import a catalog file (JSON streamed, YAML read whole), validating entry by entry. Raises
-    CatalogFileError (not JSON nor YAML), CatalogInvalid (the entries' problems) or Conflict."""
+    CatalogFileError (not JSON nor YAML), CatalogInvalid (the entries' problems) or Duplicate."""
     try:
         return await _import(
             store, _validated(source, progress), dry_run=dry_run, prune=prune, actor=actor, progress=progress
@@ -261,7 +262,7 @@ async def _import(
     except (IntegrityError, sqlite3.IntegrityError, psycopg.errors.UniqueViolation) as exc:
         if isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" not in str(exc):
             raise
-        raise Conflict(DUPLICATE) from None
+        raise Duplicate(DUPLICATE) from None
     finally:
         progress.close()
     return report

@@ -8,15 +8,13 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from ...rules.catalog_entries import CatalogEntry
+from ...rules.fields import detail
 from ...schemas import ImageType, ValidationDetail, json_encoder
-from ...server.catalog_entries import CatalogEntry
-from ...server.errors import Conflict
-from ...server.validation import detail
-from ..records import make_image
+from ..errors import Duplicate
+from ..records import DUPLICATE, PUBLIC_NAMESPACE, make_image
 from .shared import (
     _EPOCH,
-    DUPLICATE,
-    PUBLIC_NAMESPACE,
     CatalogInvalid,
     _micros,
     _Problems,
@@ -239,7 +237,7 @@ class Planner:
         if taken:
             first = min(taken, key=lambda write: (write.kind == "create", write.position))
             spec = first.entry.spec
-            raise Conflict(f"{spec.idc}/{spec.name}: {DUPLICATE}")
+            raise Duplicate(f"{spec.idc}/{spec.name}: {DUPLICATE}")
         deferred = [write for write, _ in self.deferred]
         deferred.sort(key=lambda write: write.kind == "create")
         return Plan(deleted=deleted, deferred=deferred)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import msgspec
 import yaml
 
-from ...server.catalog_entries import CatalogFields, entry_of_fields, not_a_catalog
+from ...rules.catalog_entries import CatalogFields, entry_of_fields, not_a_catalog
 from .shared import CatalogFileError
 
 if TYPE_CHECKING:

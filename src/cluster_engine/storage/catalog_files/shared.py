@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from ...schemas import ImageType, ValidationDetail
-from ...server.errors import RequestInvalid
+from ...invalid import Invalid
+from ...schemas import ValidationDetail
 
 if TYPE_CHECKING:
     pass
 
 
-PUBLIC_NAMESPACE = "public"
-DUPLICATE = "an image with this name already exists in this idc for this owner"
 INVALID_FILE = "Invalid catalog file."
 # Problems kept for the report; the rest are counted (a generated file that is wrong is wrong everywhere).
 PROBLEMS_KEPT = 10_000
@@ -28,7 +25,7 @@ class CatalogFileError(Exception):
     """The file is neither JSON nor YAML; the message says why."""
 
 
-class CatalogInvalid(RequestInvalid):
+class CatalogInvalid(Invalid):
     """The file's entries are invalid: the first ``PROBLEMS_KEPT`` problems, and how many more there are."""
 
     def __init__(self, details: Sequence[ValidationDetail], omitted: int = 0) -> None:
@@ -56,10 +53,6 @@ class _Problems:
 
     def error(self) -> CatalogInvalid:
         return CatalogInvalid(self.kept, self.omitted)
-
-
-def namespace_of(image_type: ImageType, org_id: uuid.UUID) -> str:
-    return PUBLIC_NAMESPACE if image_type is ImageType.PUBLIC else str(org_id)
 
 
 def identity_key(namespace: str, idc: str, name: str) -> int:

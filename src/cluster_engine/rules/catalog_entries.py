@@ -1,5 +1,6 @@
-"""Entries of catalog files: ``CatalogEntry``, the checked path (the rules of ``bodies``) and the fast path
-(msgspec builds the request, then each distinct value is checked once).
+"""Entries of catalog files: ``CatalogEntry``, the checked path (the rules of ``images``) and the fast path
+(msgspec builds the request, then each distinct value is checked once). A file's problems raise
+``Invalid`` (the server answers it as a 400; the CLI prints its details).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from typing import Any
 
 import msgspec
 
+from ..invalid import Invalid
 from ..schemas import ImageBootMode, ImageCreateReq, ImageType, Partition, ValidationDetail
-from .bodies import _Fields, read_image_create
-from .errors import RequestInvalid
-from .validation import (
+from .fields import (
     _IDC_RE,
     _MISSING,
     _NAME_RE,
@@ -26,6 +26,7 @@ from .validation import (
     detail,
     is_uri,
 )
+from .images import _Fields, read_image_create
 
 
 class CatalogEntry(msgspec.Struct, frozen=True):
@@ -227,10 +228,8 @@ def _checked_catalog_entry(item: Any, index: int, problems: list[ValidationDetai
     return CatalogEntry(spec=spec, type=image_type, id=image_id, created_at=created_at)
 
 
-def not_a_catalog(data: Any) -> RequestInvalid:
-    return RequestInvalid(
-        [detail("catalog", "type", "A catalog file holds a list of images.", data, "array")]
-    )
+def not_a_catalog(data: Any) -> Invalid:
+    return Invalid([detail("catalog", "type", "A catalog file holds a list of images.", data, "array")])
 
 
 def read_catalog_entries(data: Any) -> list[CatalogEntry]:
@@ -244,5 +243,5 @@ def read_catalog_entries(data: Any) -> list[CatalogEntry]:
         if entry is not None:
             entries.append(entry)
     if problems:
-        raise RequestInvalid(problems, message="Invalid catalog file.")
+        raise Invalid(problems, message="Invalid catalog file.")
     return entries
