@@ -113,8 +113,8 @@ class StoreReads:
         new is one round trip (no BEGIN, no ROLLBACK). Its reads need no common snapshot: each one is
         bounded by the revision read first, and all revisions up to it are committed (writers take them
         in turn under catalog_state's row lock); a change committed meanwhile is fetched by the next poll.
-        Through PgBouncer every transaction must begin READ WRITE (connections.through_pgbouncer: how a demoted
-        node is noticed), so polls there stay transactions."""
+        Through PgBouncer every transaction must begin READ WRITE (connections.through_pgbouncer: how a
+        demoted node is noticed), so polls there stay transactions (one simple query each: onetrip.py)."""
         if self.is_postgres and not self.pgbouncer:
             return await conn.execution_options(isolation_level="AUTOCOMMIT")
         return conn
