@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from cluster_engine.cli.main import DEMO_ORG, demo_catalog
+from cluster_engine.storage import db
 from cluster_engine.testing import LiveServer
 from cluster_engine.testing.pgbouncer import PgBouncer, PgBouncerUnavailable
 from cluster_engine.testing.pgserver import PostgresServer, PostgresUnavailable, create_database
@@ -71,6 +72,12 @@ class Databases:
             pytest.skip(self.unavailable)
         url = create_database(self.postgres_admin_url)
         return url if self.pgbouncer is None else self.pgbouncer.url(url)
+
+    def migrated(self, store: str, directory: Path) -> str:
+        """``url`` of an empty database already at the migration head."""
+        url = self.url(store, directory)
+        db.upgrade(url)
+        return url
 
 
 @pytest.fixture(scope="session")

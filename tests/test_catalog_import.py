@@ -6,7 +6,6 @@ store); tests of files the command must refuse run the command alone on a fresh 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import uuid
@@ -21,8 +20,8 @@ import yaml
 from click.testing import CliRunner
 
 from cluster_engine.cli.main import main
-from cluster_engine.storage.store import Store
 from cluster_engine.testing import LiveServer, image_body
+from cluster_engine.testing.stores import in_store
 
 ORG_A = uuid.UUID("0b7e2f52-4c1a-4d52-9a57-2f1c3c2d9e01")
 ORG_B = uuid.UUID("5d6c8a0e-9b1f-4e2a-8c3d-7f6e5d4c3b2a")
@@ -283,14 +282,7 @@ def cli(tmp_path: Path, database_url: str) -> Runner:
 
 
 def image_count(url: str) -> int:
-    async def count() -> int:
-        store = Store.open(url)
-        try:
-            return await store.count()
-        finally:
-            await store.close()
-
-    return asyncio.run(count())
+    return in_store(url, lambda store: store.count())
 
 
 def test_invalid_file_reports_every_problem_one_line_each(

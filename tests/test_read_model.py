@@ -22,9 +22,9 @@ from cluster_engine.server import catalog as read_model
 from cluster_engine.server.catalog import Catalog
 from cluster_engine.server.catalog_entries import read_catalog_entries
 from cluster_engine.server.validation import ListQuery
-from cluster_engine.storage import db
 from cluster_engine.storage.records import Actor, Namespace
 from cluster_engine.storage.store import Store
+from cluster_engine.testing.stores import opened_store
 
 from .conftest import STORES, Databases
 from .test_properties import BASE, FakeStore, version
@@ -325,13 +325,11 @@ def _catalog_entries(orgs: int, per_org: int) -> list[dict[str, Any]]:
 def test_the_store_loads_many_orgs_in_one_statement_and_warm_starts_in_whole_orgs(
     store_kind: str, databases: Databases, tmp_path: Path
 ) -> None:
-    url = databases.url(store_kind, tmp_path)
-    db.upgrade(url)
+    url = databases.migrated(store_kind, tmp_path)
     entries = _catalog_entries(orgs=12, per_org=5)
 
     async def run() -> None:
-        store = Store.open(url)
-        try:
+        async with opened_store(url) as store:
             report = await store.import_catalog(read_catalog_entries(entries))
             wanted = [str(org(o)) for o in (3, 4, 11)] + [str(uuid.uuid4())]
             loaded = await store.load_namespaces(wanted)
@@ -358,8 +356,6 @@ def test_the_store_loads_many_orgs_in_one_statement_and_warm_starts_in_whole_org
             await catalog.refresh()
             await catalog.preload(batch=7)
             assert catalog.complete and catalog.held()["Customized"] == 60
-        finally:
-            await store.close()
 
     asyncio.run(run())
 
@@ -371,8 +367,7 @@ def test_a_write_reaches_the_writing_process_read_model_without_reading_the_data
     """Read-your-writes through Store.on_commit: the writer's read model holds each create, update and
     delete as soon as it commits, with no query of its own; its revision follows the write when no other
     process wrote in between, and stays (for the next refresh to fetch the gap) when one did."""
-    url = databases.url(store_kind, tmp_path)
-    db.upgrade(url)
+    url = databases.migrated(store_kind, tmp_path)
     owner = org(1)
 
     def spec(name: str) -> ImageCreateReq:

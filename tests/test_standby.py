@@ -35,6 +35,7 @@ from cluster_engine.storage.store import Store
 from cluster_engine.testing import LiveServer
 from cluster_engine.testing.pgbouncer import PgBouncer, PgBouncerUnavailable
 from cluster_engine.testing.pgserver import PostgresServer, PostgresUnavailable
+from cluster_engine.testing.stores import opened_store
 
 from .conftest import IN_CI
 from .test_postgres import image_entry
@@ -220,12 +221,9 @@ def test_polls_and_org_loads_go_to_the_standby_and_own_writes_show_at_once(
 
 async def _create_on_primary(url: str, name: str, org: uuid.UUID) -> None:
     """A Customized image written by a process of its own (its statements are not the reader's)."""
-    store = Store.open(url)
-    try:
+    async with opened_store(url) as store:
         spec, kind = read_create_request({**image_entry("sb-1", name), "orgId": str(org)})
         await store.create_image(spec, kind, Actor(None, "another process"))
-    finally:
-        await store.close()
 
 
 def test_with_replay_paused_a_write_is_served_from_the_primary_and_never_stale(

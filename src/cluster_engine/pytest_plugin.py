@@ -177,8 +177,7 @@ class Catalog:
     def _in_store(self, work: Callable[[Store], Coroutine[Any, Any, T]]) -> T:
         """Run ``work`` on the server's database, on an event loop and in a thread of its own (the caller
         may be inside an event loop, as async tests are)."""
-        from .storage.store import Store
-        from .testing import run_sync
+        from .testing.stores import in_store
 
         database_url = self.server.database_url
         if database_url is None:
@@ -186,15 +185,7 @@ class Catalog:
                 "cluster_engine_catalog against an existing server needs its database: "
                 "--cluster-engine-database-url"
             )
-
-        async def run() -> T:
-            store = Store.open(database_url, statement_timeout=None)
-            try:
-                return await work(store)
-            finally:
-                await store.close()
-
-        return run_sync(run)
+        return in_store(database_url, work, statement_timeout=None)
 
     def _token(self, org: uuid.UUID | str, *scopes: str) -> str:
         return self.server.token(org, scopes=list(scopes))

@@ -210,16 +210,9 @@ def run_sync(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 def wait_synced(url: str, database_url: str, timeout: float = 5.0) -> int:
     """Wait until the server at ``url`` serves the current revision of ``database_url``; return it."""
-    from ..storage.store import Store
+    from .stores import in_store
 
-    async def current() -> int:
-        store = Store.open(database_url)
-        try:
-            return await store.revision()
-        finally:
-            await store.close()
-
-    target = run_sync(current)
+    target = in_store(database_url, lambda store: store.revision())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         body = httpx.get(f"{url}/readyz", timeout=2).json()
