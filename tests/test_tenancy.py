@@ -1,11 +1,11 @@
 """Tenant isolation as a stateful property over HTTP: random writes and reads against a model.
 
-One real server per store (SQLite, PostgreSQL) serves every example. Each example invents 3 or 4 fresh orgs
-(uuid4) and two idcs of its own, then runs a random sequence of creates (both types, by tokens with no
-scope, ``images:write``, ``images:admin`` or both, for the caller's own org or another), merge patches,
-deletes, gets and filtered lists, and predicts every answer from a brute-force model of the documented
-rules. Public images left by earlier examples are visible to every org: each example starts from the
-list a brand-new org gets (only Public images) and keeps them in its model.
+The suite's shared server on each store (``shared_server``: SQLite, PostgreSQL) serves every example. Each
+example invents 3 or 4 fresh orgs (uuid4) and two idcs of its own, then runs a random sequence of creates
+(both types, by tokens with no scope, ``images:write``, ``images:admin`` or both, for the caller's own org
+or another), merge patches, deletes, gets and filtered lists, and predicts every answer from a brute-force
+model of the documented rules. Public images left by earlier examples and tests are visible to every org:
+each example starts from the list a brand-new org gets (only Public images) and keeps them in its model.
 
 Invariants checked on every step:
 - no list and no GET ever returns another org's Customized image;
@@ -23,9 +23,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
@@ -36,8 +35,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 
 from cluster_engine.server.auth import mint_token
 from cluster_engine.testing import LiveServer
-
-from .conftest import STORES, Databases, start_server
 
 WRITE = "images:write"
 ADMIN = "images:admin"
@@ -80,13 +77,9 @@ class Shared:
         return {"Authorization": f"Bearer {self.tokens[key]}"}
 
 
-@pytest.fixture(scope="module", params=STORES)
-def shared(
-    request: pytest.FixtureRequest, databases: Databases, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Shared]:
-    directory: Path = tmp_path_factory.mktemp(f"tenancy-{request.param}")
-    with start_server(databases, request.param, directory) as server:
-        yield Shared(server=server, http=server.client())
+@pytest.fixture(scope="module")
+def shared(shared_server: LiveServer) -> Shared:
+    return Shared(server=shared_server, http=shared_server.client())
 
 
 def namespace(image: dict[str, Any]) -> str:
