@@ -35,6 +35,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 
 from cluster_engine.server.auth import mint_token
 from cluster_engine.testing import LiveServer
+from cluster_engine.testing.samples import image_body, root_only
 
 WRITE = "images:write"
 ADMIN = "images:admin"
@@ -198,22 +199,16 @@ class Tenancy(RuleBasedStateMachine):
         boot_mode: str,
         supported: list[str],
     ) -> None:
-        body: dict[str, Any] = {
-            "idc": idc,
-            "orgId": str(owner),
-            "path": "images/disk.qcow2",
-            "name": name,
-            "OSSeries": "Ubuntu",
-            "OSVersion": "22.04",
-            "OSArchitecture": "x86_64",
-            "BootMode": boot_mode,
-            "SystemDiskSize": "200G",
-            "DefaultPartitionTable": [
-                {"name": "root", "mountPoint": "/", "size": "200G", "fileSystem": "ext4"}
-            ],
-            "icon": "https://static.example.com/os.svg",
-            "supportedProducts": supported,
-        }
+        body = image_body(
+            owner,
+            name,
+            idc=idc,
+            path="images/disk.qcow2",
+            BootMode=boot_mode,
+            DefaultPartitionTable=root_only(),
+            icon="https://static.example.com/os.svg",
+            supportedProducts=supported,
+        )
         if kind is not None:
             body["type"] = kind
         image_type = kind or "Customized"
@@ -233,12 +228,19 @@ class Tenancy(RuleBasedStateMachine):
         if response.status_code != 201:
             assert set(response.json()) == {"reason"}
 
-    @rule(data=st.data(), patch=patches)
-    def patch(self, data: st.DataObject, patch: dict[str, Any]) -> None:
+    def on_target(
+        self, data: st.DataObject, method: str, body: Any = None
+    ) -> tuple[uuid.UUID, Sequence[str], str, dict[str, Any] | None, httpx.Response]:
+        """A drawn caller sends ``method`` to a drawn image id: (org, scopes, id, the model's image or
+        None, the answer)."""
         org, scopes = self.caller(data)
         image_id = self.target(data)
-        image = self.images.get(image_id)
-        response = self.call("PATCH", f"/v1/images/{image_id}", org, scopes, patch)
+        response = self.call(method, f"/v1/images/{image_id}", org, scopes, body)
+        return org, scopes, image_id, self.images.get(image_id), response
+
+    @rule(data=st.data(), patch=patches)
+    def patch(self, data: st.DataObject, patch: dict[str, Any]) -> None:
+        org, scopes, image_id, image, response = self.on_target(data, "PATCH", patch)
 
         if not scopes:
             assert response.status_code == 403, response.text
@@ -261,10 +263,7 @@ class Tenancy(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
-        org, scopes = self.caller(data)
-        image_id = self.target(data)
-        image = self.images.get(image_id)
-        response = self.call("DELETE", f"/v1/images/{image_id}", org, scopes)
+        org, scopes, image_id, image, response = self.on_target(data, "DELETE")
 
         if response.status_code == 204:  # whatever the model says: never across orgs without admin
             assert image is not None
@@ -285,10 +284,7 @@ class Tenancy(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def get(self, data: st.DataObject) -> None:
-        org, scopes = self.caller(data)
-        image_id = self.target(data)
-        image = self.images.get(image_id)
-        response = self.call("GET", f"/v1/images/{image_id}", org, scopes)
+        org, scopes, _image_id, image, response = self.on_target(data, "GET")
         if image is not None and visible(image, org):
             assert response.status_code == 200, response.text
             assert response.json() == image
