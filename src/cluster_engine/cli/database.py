@@ -26,11 +26,7 @@ def db_group() -> None:
 @needs_server
 def upgrade(revision: str) -> None:
     """Apply migrations up to REVISION."""
-    from ..storage import db
-
-    settings = _settings()
-    db.upgrade(settings.database_url, revision)
-    click.echo(f"database at {revision}: {_redact(settings.database_url)}")
+    _migrate("upgrade", revision)
 
 
 @db_group.command()
@@ -38,10 +34,16 @@ def upgrade(revision: str) -> None:
 @needs_server
 def downgrade(revision: str) -> None:
     """Revert migrations down to REVISION (``base`` removes every table)."""
+    _migrate("downgrade", revision)
+
+
+def _migrate(direction: str, revision: str) -> None:
+    """``db.upgrade`` or ``db.downgrade`` of the configured database to ``revision``, and say so."""
     from ..storage import db
 
     settings = _settings()
-    db.downgrade(settings.database_url, revision)
+    step = db.upgrade if direction == "upgrade" else db.downgrade
+    step(settings.database_url, revision)
     click.echo(f"database at {revision}: {_redact(settings.database_url)}")
 
 
