@@ -137,9 +137,15 @@ class LiveServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, timeout: float = 10.0) -> int | None:
+    def close_clients(self) -> None:
+        """Close every client ``client()`` made (and their keep-alive connections): a server shared by
+        many tests would otherwise hold every earlier test's idle connections."""
         for client in self._clients:
             client.close()
+        self._clients.clear()
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        self.close_clients()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
