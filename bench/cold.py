@@ -64,11 +64,10 @@ def write_catalog(path: Path, orgs: int, per_org: int) -> list[str]:
 
 async def one_round(url: str, orgs: list[str]) -> dict[str, float]:
     from cluster_engine.server.readmodel import Catalog
-    from cluster_engine.storage.store import Store
+    from cluster_engine.testing.stores import opened_store
 
     figures: dict[str, float] = {}
-    store = Store.open(url)
-    try:
+    async with opened_store(url) as store:
         catalog = Catalog(store, max_images=10_000_000, max_orgs=10_000_000)
         await catalog.refresh()
         cpu, wall = time.process_time(), time.perf_counter()
@@ -93,8 +92,6 @@ async def one_round(url: str, orgs: list[str]) -> dict[str, float]:
             figures["preload: wall s"] = time.perf_counter() - wall
             figures["preload: CPU s"] = time.process_time() - cpu
             figures["preload: orgs held"] = catalog.held()["orgs"]
-    finally:
-        await store.close()
     return figures
 
 

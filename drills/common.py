@@ -28,8 +28,8 @@ from cluster_engine.server.auth import mint_token
 from cluster_engine.server.pids import descendants
 from cluster_engine.storage.db import audit_log, images
 from cluster_engine.storage.records import image_from_row, image_of_body
-from cluster_engine.storage.store import Store
 from cluster_engine.testing import LiveServer, image_body
+from cluster_engine.testing.stores import opened_store
 
 IDCS = ("us-west-1", "us-east-1", "eu-central-1", "ap-southeast-1")
 PRODUCTS = ("gpu.h100.8x", "gpu.b200.8x", "gpu.a100.8x", "gpu.l40s.4x", "gpu.h200.8x", "gpu.mi300x.8x")
@@ -318,8 +318,7 @@ def recovery_after(outcomes: Sequence[Outcome], fault_at: float, kind: str | Non
 
 async def _stored(database_url: str) -> tuple[dict[str, Any], set[str]]:
     """Every image (id -> row) and the ids with a ``create`` audit entry."""
-    store = Store.open(database_url)
-    try:
+    async with opened_store(database_url) as store:
         async with store.engine.connect() as conn:
             rows = {str(r.id): r for r in (await conn.execute(sa.select(images))).all()}
             audited = {
@@ -329,8 +328,6 @@ async def _stored(database_url: str) -> tuple[dict[str, Any], set[str]]:
                 ).all()
             }
         return rows, audited
-    finally:
-        await store.close()
 
 
 def verify_ledger(database_url: str, ledger: Ledger, report: Report, label: str = "") -> None:

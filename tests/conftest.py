@@ -11,9 +11,12 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from cluster_engine.cli.main import DEMO_ORG, demo_catalog
+from cluster_engine.storage import db
 from cluster_engine.testing import LiveServer
 from cluster_engine.testing.pgbouncer import PgBouncer, PgBouncerUnavailable
 from cluster_engine.testing.pgserver import PostgresServer, PostgresUnavailable, create_database
+
+from .toolkit import App, in_process
 
 OTHER_ORG = uuid.UUID("5d6c8a0e-9b1f-4e2a-8c3d-7f6e5d4c3b2a")
 STORES = ["sqlite", "postgresql"]
@@ -71,6 +74,12 @@ class Databases:
             pytest.skip(self.unavailable)
         url = create_database(self.postgres_admin_url)
         return url if self.pgbouncer is None else self.pgbouncer.url(url)
+
+    def migrated(self, store: str, directory: Path) -> str:
+        """``url`` of an empty database already at the migration head."""
+        url = self.url(store, directory)
+        db.upgrade(url)
+        return url
 
 
 @pytest.fixture(scope="session")
@@ -139,6 +148,14 @@ def start_server(databases: Databases, store: str, directory: Path, *args: str) 
     return LiveServer.start(directory, database_url=url, args=[*extra, *args])
 
 
+def serve(
+    request: pytest.FixtureRequest, databases: Databases, directory: Path, *args: str
+) -> Iterator[LiveServer]:
+    """The body of a server fixture parametrized by ``STORES``: a server on ``request.param``'s store."""
+    with start_server(databases, request.param, directory, *args) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def demo_entries() -> list[dict[str, Any]]:
     entries = demo_catalog()
@@ -151,15 +168,31 @@ def demo_server(
     request: pytest.FixtureRequest, databases: Databases, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """A real server process with the demo catalog, on each store. Read-only: tests must not change it."""
-    with start_server(databases, request.param, tmp_path_factory.mktemp("demo"), "--demo") as server:
-        yield server
+    yield from serve(request, databases, tmp_path_factory.mktemp("demo"), "--demo")
+
+
+@pytest.fixture(scope="session", params=STORES)
+def shared_server(
+    request: pytest.FixtureRequest, databases: Databases, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A server that starts with an empty catalog, on each store, shared by the tests that write: each
+    writes as orgs of its own (``uuid.uuid4()``), or empties the catalog first (``toolkit.fresh_catalog``)
+    when it asserts on what every org sees (Public images, exports, the audit trail)."""
+    yield from serve(request, databases, tmp_path_factory.mktemp("shared"))
 
 
 @pytest.fixture(params=STORES)
 def server(request: pytest.FixtureRequest, databases: Databases, tmp_path: Path) -> Iterator[LiveServer]:
-    """A fresh server with an empty catalog, on each store, for tests that write."""
-    with start_server(databases, request.param, tmp_path / "server") as server:
-        yield server
+    """A fresh server with an empty catalog, on each store, for tests whose server is theirs alone."""
+    yield from serve(request, databases, tmp_path / "server")
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """The demo catalog served by the app in this process (SQLite; no Granian): for rules of the
+    application (bodies, statuses, documents) that need no server process. Read-only, like ``demo_server``."""
+    with in_process(tmp_path_factory.mktemp("app"), demo=True) as served:
+        yield served
 
 
 @pytest.fixture

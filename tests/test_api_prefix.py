@@ -22,9 +22,7 @@ from cluster_engine.server.prefix import Prefixes, normalize_root_path
 from cluster_engine.testing import LiveServer
 
 from .conftest import OTHER_ORG
-
-INVALID = {"code": 0, "group": "auth_verify", "message": "Invalid access token."}
-EXPIRED = {"code": 1, "group": "auth_verify", "message": "Expired access token."}
+from .toolkit import EXPIRED, INVALID
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,16 @@ from cluster_engine.server.config import ConfigError, load_settings
 from cluster_engine.server.errors import Unauthenticated
 from cluster_engine.testing import LiveServer, free_port
 
-INVALID = {"code": 0, "group": "auth_verify", "message": "Invalid access token."}
-EXPIRED = {"code": 1, "group": "auth_verify", "message": "Expired access token."}
+from .toolkit import (
+    EXPIRED_TOKEN,
+    INVALID_TOKEN,
+    MISSING,
+    OTHER_SCHEME,
+    assert_401,
+    assert_ok,
+    bearer,
+)
+
 ISSUER = "https://issuer.example.test/"
 AUDIENCE = "cluster-engine-tests"
 WRONG_SECRET = secrets.token_urlsafe(48)
@@ -142,35 +150,9 @@ def sign(kind: str, payload: dict[str, Any] | None = None, **headers: Any) -> st
     return jwt.encode(payload or claims(), private_key(kind), algorithm=algorithm, headers=headers or None)
 
 
-def bearer(token: str) -> str:
-    return f"Bearer {token}"
-
-
 def get_images(server: LiveServer, authorization: str | bytes | None) -> httpx.Response:
     headers = {} if authorization is None else {"Authorization": authorization}
     return httpx.get(f"{server.url}/v1/images", headers=headers, timeout=10)
-
-
-def assert_ok(response: httpx.Response) -> list[Any]:
-    assert response.status_code == 200, response.text[:300]
-    body = response.json()
-    assert isinstance(body, list)
-    return body
-
-
-MISSING, INVALID_TOKEN, EXPIRED_TOKEN, OTHER_SCHEME = "missing", "invalid", "expired", "other-scheme"
-
-
-def assert_401(response: httpx.Response, kind: str = INVALID_TOKEN) -> None:
-    assert response.status_code == 401, response.text[:300]
-    assert response.headers["content-type"] == "application/json"
-    assert response.json() == (EXPIRED if kind == EXPIRED_TOKEN else INVALID)
-    challenge = response.headers["www-authenticate"]
-    assert challenge.startswith("Bearer ")
-    if kind == MISSING:  # RFC 6750 §3.1: no error code when no credentials were sent
-        assert "error=" not in challenge
-    elif kind in (INVALID_TOKEN, EXPIRED_TOKEN):
-        assert 'error="invalid_token"' in challenge
 
 
 def verifier_for(tmp_path: Path, **env: str) -> Verifier:

@@ -6,7 +6,6 @@ The end-to-end behaviour against a live server is in tests/test_catalog_import.p
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import copy
 import datetime as dt
@@ -33,7 +32,7 @@ from cluster_engine.rules.catalog_entries import (
     read_catalog_entries,
 )
 from cluster_engine.schemas import ImageBootMode, ImageResp, ImageType, Partition, json_encoder
-from cluster_engine.storage import catalog_files, db
+from cluster_engine.storage import catalog_files
 from cluster_engine.storage.catalog_files import (
     CatalogFileError,
     CatalogSource,
@@ -46,8 +45,8 @@ from cluster_engine.storage.catalog_files import (
 )
 from cluster_engine.storage.errors import Duplicate
 from cluster_engine.storage.records import Ids, ImportReport, image_of_body, make_image
-from cluster_engine.storage.store import Store, opened
 from cluster_engine.testing import image_body
+from cluster_engine.testing.stores import in_store
 
 from .conftest import STORES, Databases
 
@@ -530,8 +529,7 @@ def test_exports_write_what_the_whole_list_did(output: str, batch: int) -> None:
 
 @pytest.fixture(params=STORES)
 def url(request: pytest.FixtureRequest, databases: Databases, tmp_path: Path) -> str:
-    address = databases.url(request.param, tmp_path)
-    db.upgrade(address)
+    address = databases.migrated(request.param, tmp_path)
     return address
 
 
@@ -548,14 +546,6 @@ def cli(tmp_path: Path, url: str) -> Run:
         return result.exit_code, result.stdout, result.stderr
 
     return run
-
-
-def in_store(url: str, work: Callable[[Store], Any]) -> Any:
-    async def run() -> Any:
-        async with opened(url, statement_timeout=None) as store:
-            return await work(store)
-
-    return asyncio.run(run())
 
 
 def import_file(cli: Run, tmp_path: Path, items: list[dict[str, Any]], *args: str) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """``cluster-engine catalog import`` end to end: the real command against a real database.
 
-Tests that need the database and the HTTP view use the ``server`` fixture (a server process on each
-store); tests of files the command must refuse run the command alone on a fresh SQLite file.
+Tests that need the database and the HTTP view use the ``server`` fixture: the suite's shared server on
+each store (``shared_server``), its catalog emptied before each test (``fresh_catalog``: the files here
+use fixed ids and Public images, which every org sees); tests of files the command must refuse run the
+command alone on a fresh SQLite file.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import uuid
@@ -21,8 +22,10 @@ import yaml
 from click.testing import CliRunner
 
 from cluster_engine.cli.main import main
-from cluster_engine.storage.store import Store
 from cluster_engine.testing import LiveServer, image_body
+from cluster_engine.testing.stores import in_store
+
+from .toolkit import fresh_catalog
 
 ORG_A = uuid.UUID("0b7e2f52-4c1a-4d52-9a57-2f1c3c2d9e01")
 ORG_B = uuid.UUID("5d6c8a0e-9b1f-4e2a-8c3d-7f6e5d4c3b2a")
@@ -79,6 +82,11 @@ def by_name(images: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------- against a live server
+
+
+@pytest.fixture
+def server(shared_server: LiveServer) -> LiveServer:
+    return fresh_catalog(shared_server)
 
 
 def test_create_then_reimport_is_unchanged_and_takes_no_revision(server: LiveServer) -> None:
@@ -283,14 +291,7 @@ def cli(tmp_path: Path, database_url: str) -> Runner:
 
 
 def image_count(url: str) -> int:
-    async def count() -> int:
-        store = Store.open(url)
-        try:
-            return await store.count()
-        finally:
-            await store.close()
-
-    return asyncio.run(count())
+    return in_store(url, lambda store: store.count())
 
 
 def test_invalid_file_reports_every_problem_one_line_each(

@@ -26,11 +26,10 @@ from cluster_engine.testing import LiveServer, free_port
 from cluster_engine.testing.pgserver import PostgresServer, PostgresUnavailable
 
 from .conftest import chromium
+from .toolkit import EXPIRED, INVALID
 
 FRONT_END = "http://localhost:5173"
 FOREIGN = "http://localhost:5174"
-INVALID = {"code": 0, "group": "auth_verify", "message": "Invalid access token."}
-EXPIRED = {"code": 1, "group": "auth_verify", "message": "Expired access token."}
 PAGE = "<!doctype html><html><head><title>front end</title></head><body>front end</body></html>"
 
 

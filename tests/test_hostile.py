@@ -119,9 +119,7 @@ def test_full_connection_budget_keeps_serving_held_connections(tmp_path: Path, d
     with LiveServer.start(tmp_path, env=env, args=["--demo"]) as server:
 
         async def scenario() -> list[int]:
-            host, port = _address(server)
-            reader, writer = await asyncio.open_connection(host, port)
-            idle = [await asyncio.open_connection(host, port) for _ in range(15)]  # the budget is now full
+            (reader, writer), *idle = await _connections(server, 16)  # the budget is now full
             token = server.token(demo_org)
             statuses = []
             for _ in range(20):
@@ -137,6 +135,14 @@ def test_full_connection_budget_keeps_serving_held_connections(tmp_path: Path, d
             return statuses
 
         assert asyncio.run(scenario()) == [200] * 20
+
+
+async def _connections(
+    server: LiveServer, count: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``count`` connections to ``server``, opened one after the other."""
+    host, port = _address(server)
+    return [await asyncio.open_connection(host, port) for _ in range(count)]
 
 
 def _head(token: str, path: str = "/v1/images") -> bytes:
@@ -163,13 +169,12 @@ def test_full_budget_of_idle_keep_alive_connections_makes_room_for_a_new_one(
     small_budget: LiveServer, demo_org: uuid.UUID
 ) -> None:
     async def scenario() -> tuple[bytes, int]:
-        host, port = _address(small_budget)
         token = small_budget.token(demo_org)
-        held = [await asyncio.open_connection(host, port) for _ in range(16)]
+        held = await _connections(small_budget, 16)
         for reader, writer in held:  # each answered once, then silent: the budget is full of idle ones
             writer.write(_head(token, "/healthz"))
             await _answer(reader)
-        reader, writer = await asyncio.open_connection(host, port)
+        ((reader, writer),) = await _connections(small_budget, 1)
         writer.write(_head(token))
         head = await _answer(reader)  # the worker closes an idle connection to take this one
         writer.close()
@@ -186,13 +191,11 @@ def test_full_budget_of_busy_connections_refuses_a_new_one_and_keeps_answering(
     small_budget: LiveServer, demo_org: uuid.UUID
 ) -> None:
     async def scenario() -> tuple[bytes, bytes]:
-        host, port = _address(small_budget)
-        token = small_budget.token(demo_org)
-        request = _head(token)
-        held = [await asyncio.open_connection(host, port) for _ in range(16)]
+        request = _head(small_budget.token(demo_org))
+        held = await _connections(small_budget, 16)
         for _, writer in held:  # every one has a request under way (its head half sent): none is idle
             writer.write(request[:20])
-        reader, writer = await asyncio.open_connection(host, port)
+        ((reader, writer),) = await _connections(small_budget, 1)
         writer.write(request)
         refusal = await _closed_by_server(reader)  # refused at once, not queued until a slot frees
         writer.close()

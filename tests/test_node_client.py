@@ -27,11 +27,11 @@ import pytest
 
 from cluster_engine.testing import LiveServer
 
+from .toolkit import EXPIRED, INVALID
+
 HERE = Path(__file__).resolve().parent / "node_client"
 INSTALL_TIMEOUT = 300  # seconds for npm ci (a cold npm cache downloads about 5 MB)
 STEP_TIMEOUT = 120
-INVALID = {"code": 0, "group": "auth_verify", "message": "Invalid access token."}
-EXPIRED = {"code": 1, "group": "auth_verify", "message": "Expired access token."}
 
 
 def _tools() -> tuple[str, str]:

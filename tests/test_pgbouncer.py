@@ -37,6 +37,7 @@ from cluster_engine.testing import LiveServer, free_port
 from cluster_engine.testing.pgbouncer import PgBouncer, PgBouncerUnavailable
 from cluster_engine.testing.pgserver import PostgresServer, PostgresUnavailable, create_database
 from cluster_engine.testing.samples import image_spec
+from cluster_engine.testing.stores import in_store, opened_store
 
 from .conftest import IN_CI
 
@@ -72,11 +73,8 @@ def spec(name: str, org: uuid.UUID | None = None, idc: str = "us-west-1") -> Ima
 async def create(
     url: str, name: str, org: uuid.UUID | None = None, image_type: ImageType = ImageType.PUBLIC
 ) -> None:
-    store = Store.open(url)
-    try:
+    async with opened_store(url) as store:
         await store.create_image(spec(name, org), image_type, ACTOR)
-    finally:
-        await store.close()
 
 
 def image_body(name: str, org: uuid.UUID, image_type: str = "Public") -> dict[str, object]:
@@ -386,17 +384,13 @@ def test_a_multi_host_url_through_pgbouncer_passes_a_dead_host(pgbouncer: PgBoun
     database = database_of(direct_url)
     live = f"127.0.0.1:{pgbouncer.port}"
 
-    async def revision(hosts: str) -> int:
+    def revision(hosts: str) -> int:
         url = f"postgresql://postgres@{hosts}/{database}?target_session_attrs=read-write&pgbouncer=true"
-        store = Store.open(url)
-        try:
-            return await store.revision()
-        finally:
-            await store.close()
+        return in_store(url, lambda store: store.revision())
 
-    assert asyncio.run(revision(f"127.0.0.1:{dead},{live}")) == 0
+    assert revision(f"127.0.0.1:{dead},{live}") == 0
     with pytest.raises(sa.exc.OperationalError, match="no host takes writes"):
-        asyncio.run(revision(f"127.0.0.1:{dead},127.0.0.1:{free_port()}"))
+        revision(f"127.0.0.1:{dead},127.0.0.1:{free_port()}")
 
 
 def test_a_standby_behind_pgbouncer_fails_the_transaction_and_refills_the_pool() -> None:
@@ -448,8 +442,7 @@ def test_migrations_and_the_warm_start_cursor_work_through_pgbouncer(
     orgs = sorted(str(uuid.uuid4()) for _ in range(7))
 
     async def run() -> list[tuple[int, list[str]]]:
-        store = Store.open(url)
-        try:
+        async with opened_store(url) as store:
             assert await store.schema_revision() == db.head_revision()
             for index, org in enumerate(orgs):
                 for n in range(index % 3 + 1):
@@ -458,8 +451,6 @@ def test_migrations_and_the_warm_start_cursor_work_through_pgbouncer(
                 (revision, [namespace for namespace, _ in batch])
                 async for revision, batch in store.customized(2)
             ]
-        finally:
-            await store.close()
 
     batches = asyncio.run(run())
     streamed = [namespace for _, namespaces in batches for namespace in namespaces]

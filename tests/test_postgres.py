@@ -26,9 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cluster_engine.rules.catalog_entries import read_catalog_entries
 from cluster_engine.storage import db
-from cluster_engine.storage.store import Store
 from cluster_engine.testing import LiveServer, free_port, image_body
 from cluster_engine.testing.pgserver import PostgresServer
+from cluster_engine.testing.stores import in_store
 
 from .conftest import STORES, VIA_PGBOUNCER, Databases
 
@@ -78,8 +78,7 @@ def _tables(url: str) -> set[str]:
 def test_migrations_upgrade_downgrade_upgrade_match_the_tables(
     store: str, databases: Databases, tmp_path: Path
 ) -> None:
-    url = databases.url(store, tmp_path)
-    db.upgrade(url)
+    url = databases.migrated(store, tmp_path)
     assert _schema_diff(url) == []
     assert {"images", "deleted_images", "catalog_state", "audit_log"} <= _tables(url)
     db.downgrade(url, "base")
@@ -101,8 +100,7 @@ def test_migration_0003_backfills_the_served_bodies_and_downgrades_to_product_ro
 ) -> None:
     """0003 renders each existing row's body exactly as the service serves it, and its downgrade gives
     0002's product rows back."""
-    url = databases.url(store, tmp_path)
-    db.upgrade(url)
+    url = databases.migrated(store, tmp_path)
     entries = [
         image_entry("us-west-1", "one", supportedProducts=["gpu.h100.8x", "gpu.b200.8x"]),
         image_entry("us-west-1", "two", type="Customized", createdAt="2026-03-04T05:06:07.250000Z"),
@@ -110,15 +108,11 @@ def test_migration_0003_backfills_the_served_bodies_and_downgrades_to_product_ro
     ]
     _write(url, entries)
 
-    async def served() -> dict[str, bytes]:
-        opened = Store.open(url)
-        try:
-            loaded = await opened.load_namespaces(["public", entries[1]["orgId"]])
-        finally:
-            await opened.close()
+    def served() -> dict[str, bytes]:
+        loaded = in_store(url, lambda store: store.load_namespaces(["public", entries[1]["orgId"]]))
         return {json.loads(body)["id"]: body for body, _ in loaded.images}
 
-    before = asyncio.run(served())
+    before = served()
     assert len(before) == 3
     db.downgrade(url, "0002")
     products = {
@@ -131,21 +125,14 @@ def test_migration_0003_backfills_the_served_bodies_and_downgrades_to_product_ro
     }
     db.upgrade(url)
     assert _schema_diff(url) == []
-    assert asyncio.run(served()) == before
+    assert served() == before
 
 
 # ------------------------------------------------------------------------------------------- freshness
 
 
 def _write(url: str, entries: list[dict[str, Any]]) -> None:
-    async def run() -> None:
-        store = Store.open(url)
-        try:
-            await store.import_catalog(read_catalog_entries(entries))
-        finally:
-            await store.close()
-
-    asyncio.run(run())
+    in_store(url, lambda store: store.import_catalog(read_catalog_entries(entries)))
 
 
 FRESHNESS_BOUND = 1.0  # s: CE_FRESHNESS_BOUND's default, which these servers run with
@@ -326,8 +313,7 @@ def test_database_outage_answers_503_quickly_and_recovers(
 @pytest.mark.parametrize("store", STORES)
 def test_cold_org_loads_use_an_index(store: str, databases: Databases, tmp_path: Path) -> None:
     """The only per-request SQL is loading one org's images (then held in memory): it must not scan."""
-    url = databases.url(store, tmp_path)
-    db.upgrade(url)
+    url = databases.migrated(store, tmp_path)
 
     async def plan(conn: AsyncConnection) -> str:
         query = "SELECT * FROM images WHERE namespace = 'x'"

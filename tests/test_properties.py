@@ -17,7 +17,7 @@ import asyncio
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,9 @@ from cluster_engine.server.validation import ListQuery
 from cluster_engine.server.wire import Rendered
 from cluster_engine.storage.records import Changes, Namespace, Stored
 from cluster_engine.testing import LiveServer
+from cluster_engine.testing.samples import image_body, root_only
+
+from .toolkit import fresh_catalog
 
 ORGS = [
     uuid.UUID("11111111-1111-4111-8111-111111111111"),
@@ -512,7 +515,7 @@ def test_created_at_before_year_1000_sorts_first() -> None:
 
 @dataclass
 class Imported:
-    """A live server and everything imported into it so far (imports never delete)."""
+    """The shared server (emptied first) and everything imported into it so far (imports never delete)."""
 
     server: LiveServer
     clients: dict[uuid.UUID, httpx.Client]
@@ -520,9 +523,9 @@ class Imported:
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Imported]:
-    with LiveServer.start(tmp_path_factory.mktemp("properties")) as server:
-        yield Imported(server=server, clients={org: server.client(org) for org in CALLERS})
+def imported(shared_server: LiveServer) -> Imported:
+    server = fresh_catalog(shared_server)  # the model is every image there is: start from none
+    return Imported(server=server, clients={org: server.client(org) for org in CALLERS})
 
 
 def rfc3339(value: dt.datetime) -> str:
@@ -536,24 +539,22 @@ def catalog_files(draw: st.DrawFn) -> list[dict[str, Any]]:
     entries = []
     for index, image_id in enumerate(ids):
         kind = draw(st.sampled_from([None, "Public", "Customized"]))
-        entry: dict[str, Any] = {
-            "id": str(image_id) if draw(st.booleans()) else str(image_id).upper(),
-            "orgId": str(draw(st.sampled_from(ORGS))),
-            "idc": draw(st.sampled_from(IDCS)),
-            "name": f"{draw(st.sampled_from(['Ubuntu-22.04', 'Rocky 9']))}-{index}",
-            "path": "images/disk.qcow2",
-            "OSSeries": "Ubuntu",
-            "OSVersion": "22.04",
-            "OSArchitecture": "x86_64",
-            "BootMode": draw(st.sampled_from(["UEFI", "Legacy"])),
-            "SystemDiskSize": "200G",
-            "DefaultPartitionTable": [
-                {"name": "root", "mountPoint": "/", "size": "200G", "fileSystem": "ext4"}
-            ],
-            "icon": "https://static.example.com/os.svg",
-            "supportedProducts": draw(products),
-            "createdAt": rfc3339(draw(created_ats)),
-        }
+        entry_id = str(image_id) if draw(st.booleans()) else str(image_id).upper()
+        owner = draw(st.sampled_from(ORGS))
+        idc = draw(st.sampled_from(IDCS))
+        name = f"{draw(st.sampled_from(['Ubuntu-22.04', 'Rocky 9']))}-{index}"
+        entry = image_body(
+            owner,
+            name,
+            id=entry_id,
+            idc=idc,
+            path="images/disk.qcow2",
+            BootMode=draw(st.sampled_from(["UEFI", "Legacy"])),
+            DefaultPartitionTable=root_only(),
+            icon="https://static.example.com/os.svg",
+            supportedProducts=draw(products),
+            createdAt=rfc3339(draw(created_ats)),
+        )
         if kind is not None:  # omitted: catalog files default to Public
             entry["type"] = kind
         entries.append(entry)
@@ -574,6 +575,7 @@ def served_form(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@pytest.mark.parametrize("shared_server", ["sqlite"], indirect=True)  # the rules do not depend on the store
 @settings(
     max_examples=15,
     deadline=None,

@@ -13,6 +13,8 @@ from cluster_engine.server.config import ConfigError, load_settings
 from cluster_engine.server.ratelimit import Buckets, Rate
 from cluster_engine.testing import LiveServer
 
+from .toolkit import App
+
 ORG_A, ORG_B = "org-a", "org-b"
 
 
@@ -117,7 +119,7 @@ def test_org_past_its_share_gets_429_with_retry_after(limited: LiveServer) -> No
     assert f"rate limit: org {polite}" not in log
 
 
-def test_openapi_documents_the_429(limited: LiveServer) -> None:
-    document = httpx.get(f"{limited.url}/openapi.json").json()
+def test_openapi_documents_the_429(app: App) -> None:
+    document = app.http.get("/openapi.json").json()
     assert "429" in document["paths"]["/v1/images"]["get"]["responses"]
     assert "TooManyRequests" in document["components"]["responses"]

@@ -23,9 +23,8 @@ from cluster_engine.server.compact import BodyCodec
 from cluster_engine.server.errors import Unavailable
 from cluster_engine.server.readmodel import Catalog, loading
 from cluster_engine.server.validation import ListQuery
-from cluster_engine.storage import db
 from cluster_engine.storage.records import PUBLIC_NAMESPACE, Actor, Namespace
-from cluster_engine.storage.store import opened
+from cluster_engine.testing.stores import opened_store
 
 from .conftest import STORES, Databases
 from .test_properties import BASE, FakeStore, version
@@ -326,12 +325,11 @@ def _catalog_entries(orgs: int, per_org: int) -> list[dict[str, Any]]:
 def test_the_store_loads_many_orgs_in_one_statement_and_warm_starts_in_whole_orgs(
     store_kind: str, databases: Databases, tmp_path: Path
 ) -> None:
-    url = databases.url(store_kind, tmp_path)
-    db.upgrade(url)
+    url = databases.migrated(store_kind, tmp_path)
     entries = _catalog_entries(orgs=12, per_org=5)
 
     async def run() -> None:
-        async with opened(url) as store:
+        async with opened_store(url) as store:
             report = await store.import_catalog(read_catalog_entries(entries))
             wanted = [str(org(o)) for o in (3, 4, 11)] + [str(uuid.uuid4())]
             loaded = await store.load_namespaces(wanted)
@@ -369,8 +367,7 @@ def test_a_write_reaches_the_writing_process_read_model_without_reading_the_data
     """Read-your-writes through Store.on_commit: the writer's read model holds each create, update and
     delete as soon as it commits, with no query of its own; its revision follows the write when no other
     process wrote in between, and stays (for the next refresh to fetch the gap) when one did."""
-    url = databases.url(store_kind, tmp_path)
-    db.upgrade(url)
+    url = databases.migrated(store_kind, tmp_path)
     owner = org(1)
 
     def spec(name: str) -> ImageCreateReq:
@@ -379,7 +376,7 @@ def test_a_write_reaches_the_writing_process_read_model_without_reading_the_data
         return msgspec.convert({**fields, "name": name, "orgId": str(owner)}, ImageCreateReq)
 
     async def run() -> None:
-        async with opened(url) as store, opened(url) as other:
+        async with opened_store(url) as store, opened_store(url) as other:
             catalog = Catalog(store)
             await catalog.refresh()
             await catalog.preload()

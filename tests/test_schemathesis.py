@@ -53,7 +53,7 @@ from cluster_engine.cli.main import DEMO_ORG, demo_catalog
 from cluster_engine.server import openapi
 from cluster_engine.testing import LiveServer
 
-from .conftest import STORES, Databases, start_server
+from .conftest import STORES, Databases, serve
 from .test_contract import is_uuid
 
 CONTRACT_PATH = (
@@ -123,8 +123,7 @@ def writable_server(
     request: pytest.FixtureRequest, databases: Databases, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """A private server with its own copy of the demo catalog, for the write operations to change."""
-    with start_server(databases, request.param, tmp_path_factory.mktemp("fuzz-writes"), "--demo") as server:
-        yield server
+    yield from serve(request, databases, tmp_path_factory.mktemp("fuzz-writes"), "--demo")
 
 
 def credentials(case: schemathesis.Case, token: str) -> dict[str, str] | None:

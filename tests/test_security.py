@@ -65,12 +65,21 @@ from cluster_engine.server.config import ConfigError, load_settings
 from cluster_engine.testing import LiveServer, free_port, samples
 
 from .conftest import OTHER_ORG, STORES, Databases, start_server
+from .toolkit import (
+    ADMIN,
+    EXPIRED_TOKEN,
+    INVALID,
+    INVALID_TOKEN,
+    NOT_FOUND,
+    REFUSED,
+    ROUTE_NOT_FOUND,
+    WRITE,
+    assert_401,
+    assert_ok,
+    assert_reason,
+    bearer,
+)
 
-INVALID = {"code": 0, "group": "auth_verify", "message": "Invalid access token."}
-EXPIRED = {"code": 1, "group": "auth_verify", "message": "Expired access token."}
-NOT_FOUND = {"reason": "image not found"}
-ROUTE_NOT_FOUND = {"reason": "not found"}
-WRITE, ADMIN = "images:write", "images:admin"
 ORG_A, ORG_B = DEMO_ORG, OTHER_ORG  # A owns Customized images; B is any other tenant
 ADMIN_ORG = uuid.UUID("9a0c3e1d-7b2f-4c6a-8e5d-1f2a3b4c5d6e")
 LEEWAY = 30
@@ -114,20 +123,6 @@ def hs256(secret: str, payload: dict[str, Any] | str | None = None, **header: An
     return forge({"alg": "HS256", "typ": "JWT", **header}, payload or claims(), secret.encode())
 
 
-def assert_401(response: httpx.Response, expired: bool = False) -> None:
-    assert response.status_code == 401, response.text[:300]
-    assert response.headers["content-type"] == "application/json"
-    assert response.json() == (EXPIRED if expired else INVALID)
-    assert response.headers["www-authenticate"].startswith("Bearer ")
-
-
-def assert_ok(response: httpx.Response) -> list[Any]:
-    assert response.status_code == 200, response.text[:300]
-    body = response.json()
-    assert isinstance(body, list)
-    return body
-
-
 def original(value: str) -> str:
     """``originalValue`` as the contract's validationDetail carries it: the value, bounded to 256 chars."""
     return value if len(value) <= 256 else value[:256] + "…"
@@ -147,12 +142,6 @@ def assert_400(response: httpx.Response, expected: dict[str, tuple[str, str]]) -
         assert item["field"] not in got, f"{item['field']} reported twice: {body}"
         got[item["field"]] = (item["expression"], item["originalValue"])
     assert got == expected
-
-
-def assert_reason(response: httpx.Response, status: int, reason: str) -> None:
-    assert response.status_code == status, response.text[:300]
-    assert response.headers["content-type"] == "application/json"
-    assert response.json() == {"reason": reason}
 
 
 def stable_headers(response: httpx.Response) -> dict[str, str]:
@@ -317,10 +306,6 @@ def http_client(server: LiveServer) -> httpx.Client:
 def get_images(server: LiveServer, authorization: str | None) -> httpx.Response:
     headers = {} if authorization is None else {"Authorization": authorization}
     return http_client(server).get("/v1/images", headers=headers)
-
-
-def bearer(token: str) -> str:
-    return f"Bearer {token}"
 
 
 def rs256(payload: dict[str, Any] | None = None, key: str = "real", **header: Any) -> str:
@@ -489,7 +474,7 @@ def test_time_claims_and_the_configured_leeway(
     if outcome == "ok":
         assert_ok(response)
     else:
-        assert_401(response, expired=outcome == "expired")
+        assert_401(response, EXPIRED_TOKEN if outcome == "expired" else INVALID_TOKEN)
 
 
 def test_multi_kilobyte_jose_header(hs_server: LiveServer) -> None:
@@ -631,7 +616,7 @@ def test_duplicate_authorization_fields_are_refused_on_reads(hs_server: LiveServ
     """Authorization is a singleton field (RFC 9110 §11.6.2): with two, which one a proxy checked and
     which one the service uses may differ, so the request carries no usable credentials."""
     response = http_client(hs_server).get("/v1/images", headers=_duplicate_fields(hs_server, order, ()))
-    assert_401(response)
+    assert_401(response, REFUSED)
 
 
 @pytest.mark.parametrize("order", DUPLICATES, ids=lambda order: "-then-".join(order))
@@ -640,7 +625,7 @@ def test_duplicate_authorization_fields_are_refused_on_writes(
 ) -> None:
     headers = _duplicate_fields(hs_server, order, (WRITE, ADMIN))
     response = http_client(hs_server).post("/v1/images", headers=headers, json={})
-    assert_401(response)
+    assert_401(response, REFUSED)
 
 
 @pytest.mark.parametrize(

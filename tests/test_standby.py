@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import time
@@ -35,6 +36,7 @@ from cluster_engine.storage.store import Store
 from cluster_engine.testing import LiveServer
 from cluster_engine.testing.pgbouncer import PgBouncer, PgBouncerUnavailable
 from cluster_engine.testing.pgserver import PostgresServer, PostgresUnavailable
+from cluster_engine.testing.stores import opened_store
 
 from .conftest import IN_CI
 from .test_postgres import image_entry
@@ -107,17 +109,33 @@ def reader_server(directory: Path, database: Database, secret: str | None = None
     return LiveServer.start(directory, database_url=f"{database.primary_url}?application_name={app}", env=env)
 
 
+@dataclasses.dataclass
+class Topology:
+    """A fresh database of the pair, a server process on its primary and one reading from its standby
+    (with the writer's secret), the writer's admin client for a fresh org and the reader's client for it."""
+
+    database: Database
+    reader: LiveServer
+    writes: httpx.Client
+    client: httpx.Client
+
+    def write_and_see(self, name: str) -> float:
+        """Create the Public image ``name`` through the writer; how soon the reader served it (within the
+        freshness bound: ``served_within_bound``)."""
+        created = self.writes.post("/v1/images", json=public(name))
+        assert created.status_code == 201, created.text
+        return served_within_bound(self.client, name, time.monotonic())
+
+
 @contextlib.contextmanager
-def writer_and_reader(
-    tmp_path: Path, database_: Database, org: uuid.UUID
-) -> Iterator[tuple[LiveServer, LiveServer, httpx.Client, httpx.Client]]:
-    """A server process on the primary and one reading from the standby (with the writer's secret), the
-    writer's admin client for ``org`` and the reader's client for it."""
+def writer_and_reader(tmp_path: Path, pair: Pair, *, remote_apply: bool) -> Iterator[Topology]:
+    database_ = database(pair, remote_apply=remote_apply)
+    org = uuid.uuid4()
     with (
         LiveServer.start(tmp_path / "writer", database_url=database_.primary_url) as writer,
         reader_server(tmp_path / "reader", database_, writer.secret) as reader,
     ):
-        yield writer, reader, admin(writer, org), reader.client(org)
+        yield Topology(database_, reader, admin(writer, org), reader.client(org))
 
 
 def image_reads(server: PostgresServer, app: str) -> int:
@@ -176,14 +194,9 @@ def wait_for_log(server: LiveServer, text: str, since: int = 0, timeout: float =
 def test_a_write_through_one_process_is_served_by_a_standby_reader_within_the_bound(
     pair: Pair, tmp_path: Path
 ) -> None:
-    database_ = database(pair, remote_apply=True)
-    org = uuid.uuid4()
-    with writer_and_reader(tmp_path, database_, org) as (_writer, _reader, writes, client):
-        delays = []
-        for index in range(20):
-            created = writes.post("/v1/images", json=public(f"img-{index}"))
-            assert created.status_code == 201, created.text
-            delays.append(served_within_bound(client, f"img-{index}", time.monotonic()))
+    with writer_and_reader(tmp_path, pair, remote_apply=True) as topology:
+        database_ = topology.database
+        delays = [topology.write_and_see(f"img-{index}") for index in range(20)]
     print(
         f"standby reader: {len(delays)} writes, median {sorted(delays)[len(delays) // 2] * 1000:.1f} ms, "
         f"max {max(delays) * 1000:.1f} ms"
@@ -220,22 +233,18 @@ def test_polls_and_org_loads_go_to_the_standby_and_own_writes_show_at_once(
 
 async def _create_on_primary(url: str, name: str, org: uuid.UUID) -> None:
     """A Customized image written by a process of its own (its statements are not the reader's)."""
-    store = Store.open(url)
-    try:
+    async with opened_store(url) as store:
         spec, kind = read_create_request({**image_entry("sb-1", name), "orgId": str(org)})
         await store.create_image(spec, kind, Actor(None, "another process"))
-    finally:
-        await store.close()
 
 
 def test_with_replay_paused_a_write_is_served_from_the_primary_and_never_stale(
     pair: Pair, tmp_path: Path
 ) -> None:
-    database_ = database(pair, remote_apply=False)
-    org = uuid.uuid4()
-    with writer_and_reader(tmp_path, database_, org) as (_writer, reader, writes, client):
-        assert writes.post("/v1/images", json=public("before")).status_code == 201
-        served_within_bound(client, "before", time.monotonic())
+    with writer_and_reader(tmp_path, pair, remote_apply=False) as topology:
+        database_, reader = topology.database, topology.reader
+        writes, client = topology.writes, topology.client
+        topology.write_and_see("before")
 
         pair.standby.pause_replay()
         mark = len(reader.log())
@@ -259,25 +268,21 @@ def test_with_replay_paused_a_write_is_served_from_the_primary_and_never_stale(
         pair.standby.wait_replayed(pair.primary)
         wait_for_log(reader, "catalog reads go to the standby again", mark)
         standby_reads = image_reads(pair.standby, database_.name)
-        assert writes.post("/v1/images", json=public("after")).status_code == 201
-        served_within_bound(client, "after", time.monotonic())
+        topology.write_and_see("after")
         assert {"before", "during", "after"} <= names(client.get("/v1/images", params={"idc": "sb-1"}))
     print(f"replay paused: the new image was served {delay * 1000:.0f} ms after the write (from the primary)")
     assert image_reads(pair.standby, database_.name) >= standby_reads
 
 
 def test_with_the_standby_down_reads_go_to_the_primary_and_come_back(pair: Pair, tmp_path: Path) -> None:
-    database_ = database(pair, remote_apply=False)
-    org = uuid.uuid4()
-    with writer_and_reader(tmp_path, database_, org) as (_writer, reader, writes, client):
-        assert writes.post("/v1/images", json=public("before")).status_code == 201
-        served_within_bound(client, "before", time.monotonic())
+    with writer_and_reader(tmp_path, pair, remote_apply=False) as topology:
+        database_, reader = topology.database, topology.reader
+        topology.write_and_see("before")
         primary_reads = image_reads(pair.primary, database_.name)
 
         pair.standby.stop("fast")
         mark = len(reader.log())
-        assert writes.post("/v1/images", json=public("down")).status_code == 201
-        delay = served_within_bound(client, "down", time.monotonic())
+        delay = topology.write_and_see("down")
         mark = wait_for_log(reader, "the standby failed", mark)
         assert (
             image_reads(pair.primary, database_.name) > primary_reads
@@ -286,8 +291,7 @@ def test_with_the_standby_down_reads_go_to_the_primary_and_come_back(pair: Pair,
         pair.standby.start_again()
         pair.standby.wait_replayed(pair.primary)
         wait_for_log(reader, "catalog reads go to the standby again", mark)
-        assert writes.post("/v1/images", json=public("back")).status_code == 201
-        served_within_bound(client, "back", time.monotonic())
+        topology.write_and_see("back")
     print(f"standby down: the new image was served {delay * 1000:.0f} ms after the write (from the primary)")
 
 

@@ -1,11 +1,11 @@
 """Tenant isolation as a stateful property over HTTP: random writes and reads against a model.
 
-One real server per store (SQLite, PostgreSQL) serves every example. Each example invents 3 or 4 fresh orgs
-(uuid4) and two idcs of its own, then runs a random sequence of creates (both types, by tokens with no
-scope, ``images:write``, ``images:admin`` or both, for the caller's own org or another), merge patches,
-deletes, gets and filtered lists, and predicts every answer from a brute-force model of the documented
-rules. Public images left by earlier examples are visible to every org: each example starts from the
-list a brand-new org gets (only Public images) and keeps them in its model.
+The suite's shared server on each store (``shared_server``: SQLite, PostgreSQL) serves every example. Each
+example invents 3 or 4 fresh orgs (uuid4) and two idcs of its own, then runs a random sequence of creates
+(both types, by tokens with no scope, ``images:write``, ``images:admin`` or both, for the caller's own org
+or another), merge patches, deletes, gets and filtered lists, and predicts every answer from a brute-force
+model of the documented rules. Public images left by earlier examples and tests are visible to every org:
+each example starts from the list a brand-new org gets (only Public images) and keeps them in its model.
 
 Invariants checked on every step:
 - no list and no GET ever returns another org's Customized image;
@@ -23,9 +23,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
@@ -36,8 +35,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 
 from cluster_engine.server.auth import mint_token
 from cluster_engine.testing import LiveServer
-
-from .conftest import STORES, Databases, start_server
+from cluster_engine.testing.samples import image_body, root_only
 
 WRITE = "images:write"
 ADMIN = "images:admin"
@@ -80,13 +78,9 @@ class Shared:
         return {"Authorization": f"Bearer {self.tokens[key]}"}
 
 
-@pytest.fixture(scope="module", params=STORES)
-def shared(
-    request: pytest.FixtureRequest, databases: Databases, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Shared]:
-    directory: Path = tmp_path_factory.mktemp(f"tenancy-{request.param}")
-    with start_server(databases, request.param, directory) as server:
-        yield Shared(server=server, http=server.client())
+@pytest.fixture(scope="module")
+def shared(shared_server: LiveServer) -> Shared:
+    return Shared(server=shared_server, http=shared_server.client())
 
 
 def namespace(image: dict[str, Any]) -> str:
@@ -205,22 +199,16 @@ class Tenancy(RuleBasedStateMachine):
         boot_mode: str,
         supported: list[str],
     ) -> None:
-        body: dict[str, Any] = {
-            "idc": idc,
-            "orgId": str(owner),
-            "path": "images/disk.qcow2",
-            "name": name,
-            "OSSeries": "Ubuntu",
-            "OSVersion": "22.04",
-            "OSArchitecture": "x86_64",
-            "BootMode": boot_mode,
-            "SystemDiskSize": "200G",
-            "DefaultPartitionTable": [
-                {"name": "root", "mountPoint": "/", "size": "200G", "fileSystem": "ext4"}
-            ],
-            "icon": "https://static.example.com/os.svg",
-            "supportedProducts": supported,
-        }
+        body = image_body(
+            owner,
+            name,
+            idc=idc,
+            path="images/disk.qcow2",
+            BootMode=boot_mode,
+            DefaultPartitionTable=root_only(),
+            icon="https://static.example.com/os.svg",
+            supportedProducts=supported,
+        )
         if kind is not None:
             body["type"] = kind
         image_type = kind or "Customized"
@@ -240,12 +228,19 @@ class Tenancy(RuleBasedStateMachine):
         if response.status_code != 201:
             assert set(response.json()) == {"reason"}
 
-    @rule(data=st.data(), patch=patches)
-    def patch(self, data: st.DataObject, patch: dict[str, Any]) -> None:
+    def on_target(
+        self, data: st.DataObject, method: str, body: Any = None
+    ) -> tuple[uuid.UUID, Sequence[str], str, dict[str, Any] | None, httpx.Response]:
+        """A drawn caller sends ``method`` to a drawn image id: (org, scopes, id, the model's image or
+        None, the answer)."""
         org, scopes = self.caller(data)
         image_id = self.target(data)
-        image = self.images.get(image_id)
-        response = self.call("PATCH", f"/v1/images/{image_id}", org, scopes, patch)
+        response = self.call(method, f"/v1/images/{image_id}", org, scopes, body)
+        return org, scopes, image_id, self.images.get(image_id), response
+
+    @rule(data=st.data(), patch=patches)
+    def patch(self, data: st.DataObject, patch: dict[str, Any]) -> None:
+        org, scopes, image_id, image, response = self.on_target(data, "PATCH", patch)
 
         if not scopes:
             assert response.status_code == 403, response.text
@@ -268,10 +263,7 @@ class Tenancy(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
-        org, scopes = self.caller(data)
-        image_id = self.target(data)
-        image = self.images.get(image_id)
-        response = self.call("DELETE", f"/v1/images/{image_id}", org, scopes)
+        org, scopes, image_id, image, response = self.on_target(data, "DELETE")
 
         if response.status_code == 204:  # whatever the model says: never across orgs without admin
             assert image is not None
@@ -292,10 +284,7 @@ class Tenancy(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def get(self, data: st.DataObject) -> None:
-        org, scopes = self.caller(data)
-        image_id = self.target(data)
-        image = self.images.get(image_id)
-        response = self.call("GET", f"/v1/images/{image_id}", org, scopes)
+        org, scopes, _image_id, image, response = self.on_target(data, "GET")
         if image is not None and visible(image, org):
             assert response.status_code == 200, response.text
             assert response.json() == image

@@ -5,28 +5,29 @@ POST /v1/images, PATCH and DELETE /v1/images/{id}: scopes, validation, duplicate
 Every rejected write is checked to leave the catalog exactly as it was (the catalog revision served by
 /readyz, which every committed write bumps, and every involved org's list).
 
-Each test starts one server per store, so related rules are grouped into one test with several requests.
+The tests share one server per store (``shared_server``); each starts with an empty catalog
+(``fresh_catalog``), because these rules speak of Public images, exports and the audit trail, which every
+org sees.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
+import pytest
 
 from cluster_engine.server.auth import mint_token
 from cluster_engine.testing import LiveServer, image_body
 
-WRITE = "images:write"
-ADMIN = "images:admin"
+from .toolkit import ADMIN, INVALID, NOT_FOUND, WRITE, Api, assert_reason, details, fresh_catalog
+
 MIB = 1024 * 1024
-NOT_FOUND = {"reason": "image not found"}
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 REQUIRED_FIELDS = [
     "idc",
@@ -45,113 +46,6 @@ REQUIRED_FIELDS = [
 MUTABLE_FIELDS = [f for f in REQUIRED_FIELDS if f not in ("idc", "orgId")]
 
 
-class Api:
-    """One server, one connection pool; each call says which org and scopes its token carries."""
-
-    def __init__(self, server: LiveServer) -> None:
-        self.server = server
-        self.http = server.client()
-
-    def headers(
-        self, org: uuid.UUID | None, scopes: Sequence[str] = (), subject: str | None = None
-    ) -> dict[str, str]:
-        if org is None:
-            return {}
-        token = mint_token(self.server.secret, org, scopes=list(scopes), subject=subject)
-        return {"Authorization": f"Bearer {token}"}
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        org: uuid.UUID | None,
-        scopes: Sequence[str] = (),
-        *,
-        subject: str | None = None,
-        headers: dict[str, str] | None = None,
-        **kwargs: Any,
-    ) -> httpx.Response:
-        all_headers = {**self.headers(org, scopes, subject), **(headers or {})}
-        return self.http.request(method, path, headers=all_headers, **kwargs)
-
-    def create(
-        self, org: uuid.UUID, scopes: Sequence[str], body: Any, *, subject: str | None = None
-    ) -> httpx.Response:
-        return self.request("POST", "/v1/images", org, scopes, subject=subject, json=body)
-
-    def created(self, org: uuid.UUID, scopes: Sequence[str], body: Any, **kwargs: Any) -> dict[str, Any]:
-        response = self.create(org, scopes, body, **kwargs)
-        assert response.status_code == 201, response.text
-        image: dict[str, Any] = response.json()
-        return image
-
-    def patch(
-        self,
-        org: uuid.UUID,
-        scopes: Sequence[str],
-        image_id: str,
-        patch: Any,
-        *,
-        content_type: str = "application/merge-patch+json",
-        subject: str | None = None,
-    ) -> httpx.Response:
-        return self.request(
-            "PATCH",
-            f"/v1/images/{image_id}",
-            org,
-            scopes,
-            subject=subject,
-            content=json.dumps(patch).encode(),
-            headers={"Content-Type": content_type},
-        )
-
-    def delete(
-        self, org: uuid.UUID, scopes: Sequence[str], image_id: str, *, subject: str | None = None
-    ) -> httpx.Response:
-        return self.request("DELETE", f"/v1/images/{image_id}", org, scopes, subject=subject)
-
-    def get(self, org: uuid.UUID, image_id: str) -> httpx.Response:
-        return self.request("GET", f"/v1/images/{image_id}", org)
-
-    def list(self, org: uuid.UUID, **params: str) -> list[dict[str, Any]]:
-        response = self.request("GET", "/v1/images", org, params=params)
-        assert response.status_code == 200, response.text
-        images: list[dict[str, Any]] = response.json()
-        return images
-
-    def ids(self, org: uuid.UUID, **params: str) -> list[str]:
-        return [image["id"] for image in self.list(org, **params)]
-
-    def state(self, orgs: Sequence[uuid.UUID]) -> tuple[Any, ...]:
-        """What a rejected write must not change: the catalog revision (every committed write takes a new
-        one), and each org's list."""
-        return (self.http.get("/readyz").json()["revision"], *(self.list(org) for org in orgs))
-
-    @contextlib.contextmanager
-    def unchanged(self, *orgs: uuid.UUID) -> Iterator[None]:
-        before = self.state(orgs)
-        yield
-        assert self.state(orgs) == before
-
-
-def details(response: httpx.Response) -> list[tuple[str, str]]:
-    """(field, expression) of each validationDetail of a 400, after checking the body's shape."""
-    assert response.status_code == 400, response.text
-    body = response.json()
-    assert body["group"] == "request" and body["code"] == 0
-    for item in body["validationDetail"]:
-        assert isinstance(item["originalValue"], str) and item["reason"]
-    return [(item["field"], item["expression"]) for item in body["validationDetail"]]
-
-
-def assert_reason(response: httpx.Response, status: int) -> None:
-    """A 403/404/409/413 answers the contract's ``error`` body: exactly ``{"reason": …}``."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert set(body) == {"reason"} and isinstance(body["reason"], str) and body["reason"]
-
-
 def assert_not_found_like_missing(api: Api, response: httpx.Response, org: uuid.UUID, method: str) -> None:
     """A hidden image is answered exactly like a random id that never existed (status, body, type)."""
     missing = str(uuid.uuid4())
@@ -164,6 +58,11 @@ def assert_not_found_like_missing(api: Api, response: httpx.Response, org: uuid.
     assert response.content == reference.content
     assert response.json() == NOT_FOUND
     assert response.headers["content-type"] == reference.headers["content-type"]
+
+
+@pytest.fixture
+def server(shared_server: LiveServer) -> LiveServer:
+    return fresh_catalog(shared_server)
 
 
 def sort_key(image: dict[str, Any]) -> tuple[dt.datetime, str]:
@@ -216,7 +115,7 @@ def test_create_scopes_response_and_visibility(server: LiveServer) -> None:
         for headers in ({}, {"Authorization": "Bearer not-a-jwt"}, {"Authorization": "Basic dXNlcjpwYXNz"}):
             response = api.http.post("/v1/images", json=image_body(org_a, name="anon"), headers=headers)
             assert response.status_code == 401
-            assert response.json() == {"code": 0, "group": "auth_verify", "message": "Invalid access token."}
+            assert response.json() == INVALID
             assert response.headers["www-authenticate"].startswith("Bearer")
         expired = mint_token(server.secret, org_a, scopes=[WRITE], ttl=-60)
         response = api.http.post(
@@ -646,11 +545,6 @@ def test_patch_rejections_leave_the_image_unchanged(server: LiveServer) -> None:
 # ------------------------------------------------------------------------------------------------- audit
 
 
-def audit(server: LiveServer, *args: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = json.loads(server.cli("audit", "-o", "json", *args).stdout)
-    return rows
-
-
 def test_audit_trail_records_every_write(server: LiveServer) -> None:
     api = Api(server)
     org_a, org_b = uuid.uuid4(), uuid.uuid4()
@@ -673,7 +567,7 @@ def test_audit_trail_records_every_write(server: LiveServer) -> None:
     imported_id = str(uuid.uuid4())
     server.import_catalog([{**image_body(org_b, name="from-file"), "id": imported_id, "type": "Public"}])
 
-    rows = audit(server)
+    rows = api.audit()
     assert [(r["action"], r["imageId"], r["actorOrg"], r["actor"]) for r in rows] == [
         ("create", alice["id"], str(org_a), "alice"),
         ("create", anonymous["id"], str(org_b), None),
@@ -693,14 +587,14 @@ def test_audit_trail_records_every_write(server: LiveServer) -> None:
     assert times == sorted(times) and all(start <= t <= dt.datetime.now(dt.UTC) for t in times)
 
     # --image: only that image's changes.
-    assert [r["action"] for r in audit(server, "--image", alice["id"])] == ["create", "update"]
-    assert [r["action"] for r in audit(server, "--image", anonymous["id"])] == ["create", "delete"]
+    assert [r["action"] for r in api.audit("--image", alice["id"])] == ["create", "update"]
+    assert [r["action"] for r in api.audit("--image", anonymous["id"])] == ["create", "delete"]
 
     # --since: changes at or after a time (whole seconds, UTC by default).
     cut = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)).replace(microsecond=0)
     time.sleep(max(0.0, (cut - dt.datetime.now(dt.UTC)).total_seconds()) + 0.05)
     late = api.created(org_a, [WRITE], image_body(org_a, name="late"), subject="alice")
-    since = audit(server, "--since", cut.strftime("%Y-%m-%dT%H:%M:%S"))
+    since = api.audit("--since", cut.strftime("%Y-%m-%dT%H:%M:%S"))
     assert [(r["action"], r["imageId"]) for r in since] == [("create", late["id"])]
 
 
@@ -712,7 +606,7 @@ def test_audit_since_with_an_offset(server: LiveServer) -> None:
     east, west = dt.timezone(dt.timedelta(hours=2)), dt.timezone(dt.timedelta(hours=-5))
     minute_ago = (now - dt.timedelta(minutes=1)).astimezone(east).strftime("%Y-%m-%dT%H:%M:%S%z")
     in_a_minute = (now + dt.timedelta(minutes=1)).astimezone(west).strftime("%Y-%m-%dT%H:%M:%S%z")
-    found = [audit(server, "--since", minute_ago), audit(server, "--since", in_a_minute)]
+    found = [api.audit("--since", minute_ago), api.audit("--since", in_a_minute)]
     assert [[r["imageId"] for r in rows] for rows in found] == [[image["id"]], []]
 
 
@@ -765,6 +659,6 @@ def test_export_round_trips_and_prune(server: LiveServer) -> None:
     assert api.ids(org_a) == [files[0]["id"], custom_a["id"]]
     assert api.ids(org_b) == [files[0]["id"], custom_b["id"]]
     assert api.get(org_a, public["id"]).status_code == 404
-    deletes = [r for r in audit(server) if r["action"] == "delete"]
+    deletes = [r for r in api.audit() if r["action"] == "delete"]
     assert {r["imageId"] for r in deletes} == {files[1]["id"], public["id"]}
     assert {r["actor"] for r in deletes} == {"cli:catalog-import"}

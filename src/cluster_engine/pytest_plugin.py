@@ -179,8 +179,7 @@ class Catalog:
     def _in_store(self, work: Callable[[Store], Coroutine[Any, Any, T]]) -> T:
         """Run ``work`` on the server's database, on an event loop and in a thread of its own (the caller
         may be inside an event loop, as async tests are)."""
-        from .storage.store import opened
-        from .testing import run_sync
+        from .testing.stores import in_store
 
         database_url = self.server.database_url
         if database_url is None:
@@ -188,12 +187,7 @@ class Catalog:
                 "cluster_engine_catalog against an existing server needs its database: "
                 "--cluster-engine-database-url"
             )
-
-        async def run() -> T:
-            async with opened(database_url, statement_timeout=None) as store:
-                return await work(store)
-
-        return run_sync(run)
+        return in_store(database_url, work, statement_timeout=None)
 
     def _token(self, org: uuid.UUID | str, *scopes: str) -> str:
         return self.server.token(org, scopes=list(scopes))

@@ -13,6 +13,7 @@ import enum
 import click
 
 from ..server.config import SETTINGS, Settings
+from ..server.config_values import Bounded, Parser
 from .main import main
 
 COMPUTED_DEFAULTS = {
@@ -37,6 +38,11 @@ def _default(field: str) -> str:
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     return f"`{value}`"
+
+
+def _range(parser: Parser) -> str:
+    """The bounds of a number setting, as its parser holds them."""
+    return f"{parser.low:_} to {parser.high:_}" if isinstance(parser, Bounded) else ""
 
 
 def _commands(group: click.Group, prefix: str) -> list[tuple[str, click.Command]]:
@@ -85,10 +91,10 @@ def render() -> str:
         "Every setting is read from the environment by the `cluster-engine` command only; `serve` passes the",
         "same values to every worker.",
         "",
-        "| Variable | Default | Effect |",
-        "|---|---|---|",
+        "| Variable | Default | Range | Effect |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| `{s.env}` | {_default(s.field)} | {s.help} |" for s in SETTINGS]
+    lines += [f"| `{s.env}` | {_default(s.field)} | {_range(s.parser)} | {s.help} |" for s in SETTINGS]
     lines += ["", "## Commands and flags", ""]
     for path, command in _commands(main, "cluster-engine"):
         arguments = " ".join(p.human_readable_name for p in command.params if isinstance(p, click.Argument))

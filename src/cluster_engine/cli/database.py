@@ -6,7 +6,8 @@ import datetime as dt
 import json
 import sys
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -14,6 +15,16 @@ from .main import _redact, _settings, _with_store, main, needs_server
 
 # The server stack (SQLAlchemy, JWT, the store) is imported inside the commands that use it, so that
 # client commands such as `cluster-engine images list` start quickly.
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _output_option(formats: list[str], help_text: str) -> Callable[[F], F]:
+    """``-o/--output``: one of ``formats``, the first by default."""
+    return click.option(
+        "-o", "--output", type=click.Choice(formats), default=formats[0], show_default=True, help=help_text
+    )
 
 
 @main.group(name="db")
@@ -26,11 +37,7 @@ def db_group() -> None:
 @needs_server
 def upgrade(revision: str) -> None:
     """Apply migrations up to REVISION."""
-    from ..storage import db
-
-    settings = _settings()
-    db.upgrade(settings.database_url, revision)
-    click.echo(f"database at {revision}: {_redact(settings.database_url)}")
+    _migrate("upgrade", revision)
 
 
 @db_group.command()
@@ -38,10 +45,16 @@ def upgrade(revision: str) -> None:
 @needs_server
 def downgrade(revision: str) -> None:
     """Revert migrations down to REVISION (``base`` removes every table)."""
+    _migrate("downgrade", revision)
+
+
+def _migrate(direction: str, revision: str) -> None:
+    """``db.upgrade`` or ``db.downgrade`` of the configured database to ``revision``, and say so."""
     from ..storage import db
 
     settings = _settings()
-    db.downgrade(settings.database_url, revision)
+    step = db.upgrade if direction == "upgrade" else db.downgrade
+    step(settings.database_url, revision)
     click.echo(f"database at {revision}: {_redact(settings.database_url)}")
 
 
@@ -54,14 +67,7 @@ def catalog() -> None:
 @click.argument("file", type=click.File("rb"))
 @click.option("--dry-run", is_flag=True, help="Report what would change; change nothing.")
 @click.option("--prune", is_flag=True, help="Also delete Public images that are not in FILE.")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="Report format.",
-)
+@_output_option(["text", "json"], "Report format.")
 @needs_server
 def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     """Create or update the images in FILE (YAML or JSON list) in one transaction; idempotent."""
@@ -108,14 +114,7 @@ def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
 
 
 @catalog.command(name="export")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["yaml", "json"]),
-    default="yaml",
-    show_default=True,
-    help="File format written to stdout.",
-)
+@_output_option(["yaml", "json"], "File format written to stdout.")
 @click.option(
     "--type",
     "image_type",
@@ -160,14 +159,7 @@ def export(output: str, image_type: str) -> None:
     show_default=True,
     help="The most recent changes to show at most.",
 )
-@click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="A line per change, or JSON.",
-)
+@_output_option(["table", "json"], "A line per change, or JSON.")
 @needs_server
 def audit(since: dt.datetime | None, image_id: uuid.UUID | None, limit: int, output: str) -> None:
     """Show the audit trail: every create, update and delete, by whom, of which image, what changed."""

@@ -94,22 +94,14 @@ def _remember(key: str) -> Callable[[click.Context, click.Parameter, str | None]
 
 
 def _connection_options(command: F) -> F:
-    command = click.option(
-        "--token",
-        envvar="CE_TOKEN",
-        show_envvar=True,
-        expose_value=False,
-        callback=_remember(_TOKEN),
-        help="Bearer token.",
-    )(command)
-    return click.option(
-        "--url",
-        envvar="CE_URL",
-        show_envvar=True,
-        expose_value=False,
-        callback=_remember(_URL),
-        help="Server URL, e.g. http://127.0.0.1:8080.",
-    )(command)
+    for flag, envvar, key, help_text in (
+        ("--token", "CE_TOKEN", _TOKEN, "Bearer token."),
+        ("--url", "CE_URL", _URL, "Server URL, e.g. http://127.0.0.1:8080."),
+    ):
+        command = click.option(
+            flag, envvar=envvar, show_envvar=True, expose_value=False, callback=_remember(key), help=help_text
+        )(command)
+    return command
 
 
 def _output_option(command: F) -> F:

@@ -7,24 +7,41 @@ explicit in tests and makes every knob listable (``SETTINGS`` below is the singl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 
+from .config_values import (
+    Bounded,
+    Parser,
+    _bool,
+    _log_format,
+    _optional_str,
+    _origins,
+    _path,
+    _rate,
+    _root_path,
+    _str,
+)
 from .config_values import ConfigError as ConfigError
-from .config_values import _bool, _float, _int, _log_format, _optional_str, _origins, _rate, _root_path
 
 APP_NAME = "cluster-engine"
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
+    """One ``CE_*`` variable, declared once: its name, the ``Settings`` field it sets, how its value is
+    parsed and bounded (``parser`` is given the name, so errors say which variable), and its help."""
+
     env: str
     field: str
-    parse: Callable[[str], Any]
+    parser: Parser
     help: str
+
+    def parse(self, raw: str) -> Any:
+        return self.parser(self.env, raw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +86,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CE_DATA_DIR",
         "data_dir",
-        Path,
+        _path,
         "Directory for the embedded database and the generated development secret.",
     ),
     Setting(
         "CE_DATABASE_URL",
         "database_url",
-        str,
+        _str,
         "sqlite:///PATH (embedded default: DATA_DIR/cluster-engine.db) or postgresql://…; for a failover "
         "pair, libpq's multi-host form postgresql://USER@H1:P1,H2:P2/DB?target_session_attrs=read-write "
         "(see deploy/ha/). Add pgbouncer=true to the query when the URL points at a PgBouncer in "
@@ -106,38 +123,38 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CE_JWT_LEEWAY",
         "jwt_leeway",
-        _float("CE_JWT_LEEWAY", 0, 300),
+        Bounded(float, 0.0, 300.0),
         "Clock skew tolerated on exp/nbf/iat, in seconds.",
     ),
     Setting(
         "CE_TOKEN_CACHE_SIZE",
         "token_cache_size",
-        _int("CE_TOKEN_CACHE_SIZE", 0, 10_000_000),
+        Bounded(int, 0, 10_000_000),
         "Verified tokens kept (until they expire) to skip repeated signature checks; 0 disables.",
     ),
     Setting(
         "CE_FRESHNESS_BOUND",
         "freshness_bound",
-        _float("CE_FRESHNESS_BOUND", 0.05, 60),
+        Bounded(float, 0.05, 60.0),
         "Oldest catalog state (seconds since last confirmed against the database) a worker may serve.",
     ),
     Setting(
         "CE_POLL_INTERVAL",
         "poll_interval",
-        _float("CE_POLL_INTERVAL", 0.01, 30),
+        Bounded(float, 0.01, 30.0),
         "How often a worker checks the database for a new catalog revision, in seconds.",
     ),
     Setting(
         "CE_RESPONSE_CACHE_SIZE",
         "response_cache_size",
-        _int("CE_RESPONSE_CACHE_SIZE", 0, 10_000_000),
+        Bounded(int, 0, 10_000_000),
         "Serialized list answers kept (whole lists and pages, each); a change drops only the answers "
         "that show the images it touched.",
     ),
     Setting(
         "CE_CACHE_IMAGES",
         "cache_images",
-        _int("CE_CACHE_IMAGES", 0, 100_000_000),
+        Bounded(int, 0, 100_000_000),
         "Customized images held in memory at most (about 560 bytes each with CE_CACHE_COMPRESS, 1.1 KB "
         "without: 1.5 million take about 0.8 GiB; least recently used orgs are dropped and reloaded from the "
         "database on their next request); Public images are always held. A worker holds every org that "
@@ -146,7 +163,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CE_CACHE_COMPRESS",
         "cache_compress",
-        _bool("CE_CACHE_COMPRESS"),
+        _bool,
         "Hold Customized images' JSON compressed (zstd, with a dictionary trained on the first 2,000 "
         "held): about 560 bytes per held image instead of 1.1 KB, for 1-3 µs per image when an answer "
         "showing it is rendered again (answers are cached); Public images are never compressed.",
@@ -154,7 +171,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CE_HTTP_HEADER_TIMEOUT",
         "header_timeout",
-        _float("CE_HTTP_HEADER_TIMEOUT", 1, 60),
+        Bounded(float, 1.0, 60.0),
         "Seconds a connection may wait for its next request head: from accept, and again after each "
         "answer (this is the keep-alive idle timeout too: one timer in the HTTP server). A connection "
         "that has not sent a complete head by then is closed. Keep it above clients' pool expiry "
@@ -163,14 +180,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CE_HTTP_MAX_HEADER_BYTES",
         "max_header_bytes",
-        _int("CE_HTTP_MAX_HEADER_BYTES", 8192, 1_048_576),
+        Bounded(int, 8192, 1_048_576),
         "Largest request line plus headers accepted (bounds URL length too). The HTTP server checks it "
         "between reads of its buffer, so a head may pass up to twice this; past that it is a 431.",
     ),
     Setting(
         "CE_HTTP_BODY_TIMEOUT",
         "body_timeout",
-        _float("CE_HTTP_BODY_TIMEOUT", 1, 300),
+        Bounded(float, 1.0, 300.0),
         "Seconds a request body (POST, PATCH) has to arrive in full, from when its head was read; past "
         "it the answer is 408 and the connection is closed. An answer given before the body was read "
         "(401, 403, 429 …) first reads the rest of it (up to 1 MiB) within the same time, so the "
@@ -179,7 +196,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CE_HTTP_MAX_CONNECTIONS",
         "max_connections",
-        _int("CE_HTTP_MAX_CONNECTIONS", 16, 1_000_000),
+        Bounded(int, 16, 1_000_000),
         "Connections each worker holds at most (Granian's backpressure). At it, new connections are "
         "not left waiting in the listen queue: the worker closes its longest-idle keep-alive "
         "connections (silent for 1 s or more) to take them, or, with none idle, answers them 503 with "
@@ -189,13 +206,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CE_HTTP_BACKLOG",
         "backlog",
-        _int("CE_HTTP_BACKLOG", 128, 65_535),
+        Bounded(int, 128, 65_535),
         "Listen queue length (capped by the kernel's net.core.somaxconn).",
     ),
     Setting(
         "CE_RATE_LIMIT",
         "rate_limit",
-        _rate("CE_RATE_LIMIT"),
+        _rate,
         "Per-org fairness, off when empty: RATE/BURST requests per second per org and worker (e.g. "
         "100/200); past it, 429 with Retry-After. Counted per worker (no shared state on the request "
         "path): an org's fleet-wide ceiling is RATE times the workers it reaches.",
@@ -203,13 +220,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CE_ACCESS_LOG",
         "access_log",
-        _bool("CE_ACCESS_LOG"),
+        _bool,
         "One log line per request (in CE_LOG_FORMAT) on stderr.",
     ),
     Setting(
         "CE_ACCESS_LOG_PROBES",
         "access_log_probes",
-        _bool("CE_ACCESS_LOG_PROBES"),
+        _bool,
         "Also log the probes' requests (`/healthz`, `/readyz`, `/metrics`) in the access log.",
     ),
     Setting(
@@ -223,27 +240,27 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CE_CACHE_ORGS",
         "cache_orgs",
-        _int("CE_CACHE_ORGS", 1, 100_000_000),
+        Bounded(int, 1, 100_000_000),
         "Orgs (including those without Customized images) whose images are held in memory at most.",
     ),
     Setting(
         "CE_DB_POOL_SIZE",
         "db_pool_size",
-        _int("CE_DB_POOL_SIZE", 1, 100),
+        Bounded(int, 1, 100),
         "PostgreSQL: connections each worker keeps open (the change poller's, shared with requests). "
         "Warm reads need none.",
     ),
     Setting(
         "CE_DB_POOL_OVERFLOW",
         "db_pool_overflow",
-        _int("CE_DB_POOL_OVERFLOW", 0, 100),
+        Bounded(int, 0, 100),
         "PostgreSQL: further connections a worker may open while busy (writes, cold org loads), closed "
         "when returned. A worker uses at most CE_DB_POOL_SIZE + CE_DB_POOL_OVERFLOW (+1 with CE_DB_LISTEN).",
     ),
     Setting(
         "CE_DB_LISTEN",
         "db_listen",
-        _bool("CE_DB_LISTEN"),
+        _bool,
         "PostgreSQL: each worker also holds a LISTEN connection and applies a change as soon as it "
         "commits, instead of at the next poll (CE_POLL_INTERVAL); refused with a pgbouncer=true URL "
         "(LISTEN does not pass transaction pooling).",

@@ -137,9 +137,15 @@ class LiveServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, timeout: float = 10.0) -> int | None:
+    def close_clients(self) -> None:
+        """Close every client ``client()`` made (and their keep-alive connections): a server shared by
+        many tests would otherwise hold every earlier test's idle connections."""
         for client in self._clients:
             client.close()
+        self._clients.clear()
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        self.close_clients()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -210,16 +216,9 @@ def run_sync(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 def wait_synced(url: str, database_url: str, timeout: float = 5.0) -> int:
     """Wait until the server at ``url`` serves the current revision of ``database_url``; return it."""
-    from ..storage.store import Store
+    from .stores import in_store
 
-    async def current() -> int:
-        store = Store.open(database_url)
-        try:
-            return await store.revision()
-        finally:
-            await store.close()
-
-    target = run_sync(current)
+    target = in_store(database_url, lambda store: store.revision())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         body = httpx.get(f"{url}/readyz", timeout=2).json()

@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from urllib.parse import quote
 from sqlalchemy.engine import make_url
 
 from . import free_port
+from .pgserver import owned_directory
 
 
 class PgBouncerUnavailable(RuntimeError):
@@ -102,11 +102,8 @@ class PgBouncer:
         and files; ``databases`` its ``[databases]`` section (default: ``*``, every database of the
         upstream server)."""
         binary = find_pgbouncer()
-        directory = Path(tempfile.mkdtemp(prefix="ce-pgbouncer-"))
         user = "postgres" if os.geteuid() == 0 else None
-        if user is not None:
-            entry = pwd.getpwnam(user)
-            os.chown(directory, entry.pw_uid, entry.pw_gid)
+        directory = owned_directory("ce-pgbouncer-", user)
         bouncer = cls(
             binary=binary,
             directory=directory,

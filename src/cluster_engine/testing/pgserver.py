@@ -77,6 +77,15 @@ def server_user() -> str | None:
     return "postgres"
 
 
+def owned_directory(prefix: str, user: str | None) -> Path:
+    """A new temporary directory, made ``user``'s (None: ours) so that a server run as them can write it."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        os.chown(directory, entry.pw_uid, entry.pw_gid)
+    return directory
+
+
 def create_database(admin_url: str) -> str:
     """Create an empty, uniquely named database on the server of ``admin_url``; return its URL."""
     import psycopg
@@ -113,11 +122,8 @@ class PostgresServer:
         settings: Mapping[str, str] | None = None,
     ) -> PostgresServer:
         bindir = bindir or find_bindir()
-        data_dir = Path(tempfile.mkdtemp(prefix="ce-pg-"))
         user = server_user()
-        if user is not None:
-            entry = pwd.getpwnam(user)
-            os.chown(data_dir, entry.pw_uid, entry.pw_gid)
+        data_dir = owned_directory("ce-pg-", user)
         server = cls(
             bindir=bindir,
             data_dir=data_dir,
