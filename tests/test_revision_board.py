@@ -19,7 +19,7 @@ import pytest
 
 from cluster_engine.schemas import ImageType
 from cluster_engine.server.readmodel import Catalog
-from cluster_engine.server.revisionboard import RevisionBoard
+from cluster_engine.server.revisionboard import REGIONS, RevisionBoard
 from cluster_engine.storage.records import Changes
 from cluster_engine.testing import LiveServer, image_body
 
@@ -70,18 +70,21 @@ def test_processes_forked_after_it_share_the_board() -> None:
     assert board.read() == (5, 77.0)  # the child's write, seen by its parent
 
 
-def _pair(store: CountingStore) -> tuple[Catalog, Catalog]:
-    board = RevisionBoard()
-    return Catalog(store, board=board), Catalog(store, board=board)  # type: ignore[arg-type]
+async def _loaded(store: CountingStore, regions: int = REGIONS) -> tuple[Catalog, Catalog, RevisionBoard]:
+    """Two workers' read models on one board (``regions`` change regions), each loaded once."""
+    board = RevisionBoard(regions=regions)
+    first = Catalog(store, board=board)  # type: ignore[arg-type]
+    second = Catalog(store, board=board)  # type: ignore[arg-type]
+    await first.refresh()
+    await second.refresh()
+    return first, second, board
 
 
 def test_a_worker_holding_the_boards_revision_is_confirmed_without_asking_the_database() -> None:
     async def scenario() -> None:
         store = CountingStore()
         store.write((version(uuid.uuid4(), "a", ImageType.PUBLIC),), ())
-        first, second = _pair(store)
-        await first.refresh()
-        await second.refresh()
+        first, second, _ = await _loaded(store)
         polls = store.polls
         second.confirmed_at = float("-inf")  # its own confirmation long gone
         before = time.monotonic()
@@ -97,9 +100,7 @@ def test_a_worker_holding_the_boards_revision_is_confirmed_without_asking_the_da
 def test_changes_one_worker_fetched_reach_the_others_without_the_database() -> None:
     async def scenario() -> None:
         store = CountingStore()
-        first, second = _pair(store)
-        await first.refresh()
-        await second.refresh()
+        first, second, _ = await _loaded(store)
         added = version(uuid.uuid4(), "new", ImageType.PUBLIC)
         removed = version(uuid.uuid4(), "old", ImageType.PUBLIC)
         store.write((removed,), ())
@@ -121,12 +122,8 @@ def test_changes_one_worker_fetched_reach_the_others_without_the_database() -> N
 def test_a_worker_behind_the_board_with_nothing_shared_fetches_up_to_its_revision() -> None:
     async def scenario() -> None:
         store = CountingStore()
-        board = RevisionBoard(regions=1)  # one region: the first worker's; the second cannot share
-        first = Catalog(store, board=board)  # type: ignore[arg-type]
-        second = Catalog(store, board=board)  # type: ignore[arg-type]
+        first, second, board = await _loaded(store, regions=1)  # the second worker cannot share
         assert first._region == 0 and second._region is None
-        await first.refresh()
-        await second.refresh()
         store.write((version(uuid.uuid4(), "new", ImageType.PUBLIC),), ())
         await second.refresh()  # fetched by the second worker, which has no region to share them in
         seen = board.read()
@@ -141,12 +138,10 @@ def test_a_worker_behind_the_board_with_nothing_shared_fetches_up_to_its_revisio
 def test_an_older_record_over_a_newer_one_confirms_nothing() -> None:
     async def scenario() -> None:
         store = CountingStore()
-        first, second = _pair(store)
-        await first.refresh()
-        await second.refresh()
+        _, second, board = await _loaded(store)
         store.write((version(uuid.uuid4(), "newer", ImageType.PUBLIC),), ())
         await second.refresh()  # second at 1, and published it
-        first.board.publish(0, time.monotonic())  # type: ignore[union-attr]  # an older record over it
+        board.publish(0, time.monotonic())  # an older record over it
         confirmed = second.confirmed_at
         assert second._look(interval=10.0) == ("", None)  # not confirmed by it: it holds more than 0
         assert second.confirmed_at == confirmed
@@ -157,11 +152,9 @@ def test_an_older_record_over_a_newer_one_confirms_nothing() -> None:
 def test_a_worker_confirmed_long_ago_asks_the_database_even_with_a_board() -> None:
     async def scenario() -> None:
         store = CountingStore()
-        first, second = _pair(store)
-        await first.refresh()
-        await second.refresh()
+        first, second, board = await _loaded(store)
         stale = time.monotonic() - 5.0
-        first.board.publish(0, stale)  # type: ignore[union-attr]
+        board.publish(0, stale)
         first.confirmed_at = second.confirmed_at = stale
         assert second._look(interval=0.25) == ("database", None)
 

@@ -35,7 +35,6 @@ import xxhash
 from ..storage.records import Changes, Stored
 
 _REVISION = struct.Struct("<qdQ")  # revision, confirmed at (time.monotonic()), check word
-_SALT = 0x9E3779B97F4A7C15  # any odd constant: a zeroed record (nothing published yet) fails the check
 _HEADER_BYTES = 4096  # the revision record's page
 REGIONS = 64  # change regions, one per worker: serve's --workers is at most 64
 REGION_BYTES = 256 * 1024  # a change record larger than this is not shared (its readers ask the database)
@@ -43,11 +42,6 @@ _REGION = struct.Struct("<qqqdqQ")  # owner pid, since, upto, confirmed at, payl
 _PAYLOAD = tuple[list[Stored], list[tuple[str, int]]]
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(_PAYLOAD).decode
-
-
-def _check(revision: int, at: float) -> int:
-    bits = int.from_bytes(struct.pack("<d", at), "little")
-    return (revision * _SALT ^ bits ^ _SALT) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 class RevisionBoard:
@@ -63,12 +57,15 @@ class RevisionBoard:
 
     def publish(self, revision: int, at: float) -> None:
         """Record that at ``at`` the database's revision was at most ``revision``."""
-        self._memory[: _REVISION.size] = _REVISION.pack(revision, at, _check(revision, at))
+        self._memory[: _REVISION.size] = _REVISION.pack(
+            revision, at, _checked(_REVISION.pack(revision, at, 0))
+        )
 
     def read(self) -> tuple[int, float] | None:
         """The last revision record published, or None (nothing yet, or a record caught mid-write)."""
         revision, at, check = _REVISION.unpack_from(self._memory)
-        return (revision, at) if check == _check(revision, at) else None
+        valid = check == _checked(_REVISION.pack(revision, at, 0))
+        return (revision, at) if valid else None  # a zeroed record (nothing published yet) fails too
 
     # ---------------------------------------------------------------------------- change records
 
@@ -129,10 +126,17 @@ class RevisionBoard:
         return _HEADER_BYTES + region * REGION_BYTES
 
 
+def _checked(*parts: bytes) -> int:
+    """The check word of a record's bytes (with its own check word zeroed): xxh3, plus one so that a
+    zeroed record, which is what an unwritten page holds, never passes."""
+    hasher = xxhash.xxh3_64()
+    for part in parts:
+        hasher.update(part)
+    return (hasher.intdigest() + 1) & 0xFFFF_FFFF_FFFF_FFFF
+
+
 def _region_check(fields: tuple[int, int, int, float, int], payload: bytes) -> int:
-    hasher = xxhash.xxh3_64(struct.pack("<qqqdq", *fields))
-    hasher.update(payload)
-    return hasher.intdigest()
+    return _checked(struct.pack("<qqqdq", *fields), payload)
 
 
 def _alive(pid: int) -> bool:

@@ -173,13 +173,14 @@ class StoreReads:
 
     async def _load(self, conn: AsyncConnection, namespaces: Sequence[str]) -> Namespace:
         pooled = self.standby.pgbouncer if self.standby and self.standby.owns(conn) else self.pgbouncer
-        driver: Any = (await conn.get_raw_connection()).driver_connection
         if pooled:  # the engine's BEGIN (READ WRITE, or READ ONLY on a standby), the load and COMMIT at once
             rows = await select_in_one_trip(conn, _LOAD_POSTGRES, [list(namespaces)])
         elif self.is_postgres:
+            driver: Any = (await conn.get_raw_connection()).driver_connection
             cursor = await driver.execute(_LOAD_POSTGRES, (list(namespaces),))
             rows = await cursor.fetchall()
         else:
+            driver = (await conn.get_raw_connection()).driver_connection
             marks = ",".join("?" * len(namespaces))
             rows = await driver.execute_fetchall(_LOAD_SQLITE.format(marks=marks), tuple(namespaces))
         revision = None
