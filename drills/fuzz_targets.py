@@ -41,7 +41,7 @@ with atheris.instrument_imports(include=["cluster_engine", "jwt"]):
     from cluster_engine.invalid import Invalid
     from cluster_engine.rules import catalog_entries
     from cluster_engine.schemas import json_encoder
-    from cluster_engine.server import bodies, hotpath, images, validation
+    from cluster_engine.server import bodies, reads, validation, writes
     from cluster_engine.server.auth import Verifier
     from cluster_engine.server.config import load_settings
     from cluster_engine.server.errors import ApiError, RequestInvalid, of_storage
@@ -164,7 +164,7 @@ def _run_sync(coroutine: Any) -> Any:
 
 def _request_body(data: bytes) -> Any:
     """The body as the service decodes it (``RequestInvalid`` when it is not JSON)."""
-    return _run_sync(images.read_json(BodyRequest(data)))  # type: ignore[arg-type]
+    return _run_sync(writes.read_json(BodyRequest(data)))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------- invariants
@@ -201,7 +201,7 @@ def _check_spec(spec: Any) -> None:
 # -------------------------------------------------------------------------------------------- targets
 
 
-_LIST = hotpath.ListQueries()
+_LIST = reads.ListQueries()
 
 
 def query_target(data: bytes) -> None:

@@ -2,7 +2,7 @@
 
 Atheris, on ``drills/fuzz_targets.py``'s ``bodies`` target: a request body that is not valid UTF-8, or
 that nests deeper than the decoder's recursion limit, made ``msgspec.json.decode`` raise
-``UnicodeDecodeError`` or ``RecursionError`` rather than ``msgspec.DecodeError``; ``images.read_json``
+``UnicodeDecodeError`` or ``RecursionError`` rather than ``msgspec.DecodeError``; ``writes.read_json``
 only caught the latter, so ``POST /v1/images`` and ``PATCH /v1/images/{id}`` answered 500 (with a
 traceback in the log) instead of the contract's 400 "The body must be a JSON document." (fixed, found
 at the same time by tests/test_security.py).
@@ -32,7 +32,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
 from cluster_engine.cli.main import DEMO_ORG, demo_catalog
-from cluster_engine.server import bodies, images, openapi
+from cluster_engine.server import bodies, openapi, writes
 from cluster_engine.server.errors import RequestInvalid
 from cluster_engine.testing import LiveServer
 from cluster_engine.testing.requests import BodyRequest
@@ -46,7 +46,7 @@ BODIES = {"not-utf8": NOT_UTF8, "surrogate": SURROGATE, "too-deep": TOO_DEEP}
 @pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
 def test_read_json_refuses_what_is_not_json_with_400(body: bytes) -> None:
     with pytest.raises(RequestInvalid) as raised:
-        asyncio.run(images.read_json(BodyRequest(body)))  # type: ignore[arg-type]
+        asyncio.run(writes.read_json(BodyRequest(body)))  # type: ignore[arg-type]
     assert [d.field for d in raised.value.details] == ["body"]
 
 

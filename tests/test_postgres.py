@@ -435,8 +435,8 @@ def test_a_write_to_a_frozen_database_is_a_503_at_the_deadline(
     """SIGSTOP of every PostgreSQL process (a frozen host: TCP still up, nothing answers, and the
     server-side statement_timeout cannot fire): a write answers 503 by WRITE_DEADLINE instead of hanging
     for as long as the freeze lasts, and a list answers 503 within the refresh deadline."""
-    from cluster_engine.server.images import WRITE_DEADLINE
     from cluster_engine.server.pids import descendants
+    from cluster_engine.server.writes import WRITE_DEADLINE
 
     url = private_postgres.create_database()
     with LiveServer.start(tmp_path, database_url=url, args=["--migrate", "--demo"]) as server:

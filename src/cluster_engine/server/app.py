@@ -4,7 +4,7 @@ Outermost is ``KeepAliveGuard`` (keepalive.py: an answer that did not read the r
 reusable connection or says ``Connection: close``), then CORS and the rate limiter, each when configured
 (cors.py, ratelimit.py), then ``HotPath``, which takes an ``/api`` (or CE_ROOT_PATH) prefix off through
 ``Prefixes`` (prefix.py), answers ``GET /v1/images`` and ``GET /v1/images/{id}`` itself (raw ASGI, see
-hotpath.py) and passes everything else to Starlette (``Rejoin`` in front of it puts the prefix back into
+reads.py) and passes everything else to Starlette (``Rejoin`` in front of it puts the prefix back into
 the path, as Starlette expects). There, ServerErrorMiddleware turns anything unexpected into the 500
 contract body; ExceptionMiddleware maps ApiError (and routing's 404/405) onto contract bodies. Handlers
 only raise.
@@ -35,18 +35,18 @@ from ..storage.errors import StoreError
 from ..storage.schema_check import UPGRADE_HINT, schema_problem
 from ..storage.standby import Standby
 from ..storage.store import Store
-from . import docs_page, images, logformat, openapi, revisionboard
+from . import docs_page, logformat, openapi, revisionboard, writes
 from .auth import Verifier
 from .bodydeadline import BodyDeadline
 from .config import Settings
 from .cors import with_cors
 from .errors import ApiError, MethodNotAllowed, NotFound, Unavailable, of_storage
-from .hotpath import GetImage, HotPath, ListImages
 from .keepalive import KeepAliveGuard
 from .observability import AccessLog, Metrics, Observability, Observer
 from .prefix import Rejoin
 from .ratelimit import Buckets, Rate, RateLimit
 from .readmodel import Catalog
+from .reads import GetImage, HotPath, ListImages
 from .wire import INTERNAL_ERROR_ANSWER, JSON_TYPE, error_response, response
 
 log = logging.getLogger(__name__)
@@ -231,10 +231,10 @@ def create_app(settings: Settings) -> KeepAliveGuard:
     app = Starlette(
         routes=[
             Route("/v1/images", list_images, methods=["GET"]),
-            Route("/v1/images", images.create_image, methods=["POST"]),
+            Route("/v1/images", writes.create_image, methods=["POST"]),
             Route("/v1/images/{id}", get_image, methods=["GET"]),
-            Route("/v1/images/{id}", images.patch_image, methods=["PATCH"]),
-            Route("/v1/images/{id}", images.delete_image, methods=["DELETE"]),
+            Route("/v1/images/{id}", writes.patch_image, methods=["PATCH"]),
+            Route("/v1/images/{id}", writes.delete_image, methods=["DELETE"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),

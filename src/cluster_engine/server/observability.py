@@ -1,6 +1,6 @@
 """Request metrics (Prometheus), request ids and one access-log line per request.
 
-``Observer`` does the bookkeeping for both ways in: ``HotPath`` (hotpath.py) calls it inline for the two
+``Observer`` does the bookkeeping for both ways in: ``HotPath`` (reads.py) calls it inline for the two
 read endpoints, and the ``Observability`` middleware, in front of Starlette, for every other request that
 gets past ``HotPath``. (Answers given further out are not seen here: CORS preflights, and the rate
 limiter's 429s, which have their own counter.) Per request it: takes or makes an ``X-Request-ID`` and

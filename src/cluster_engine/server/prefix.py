@@ -1,7 +1,7 @@
 """The API under ``/api`` as well as at the root, and behind a proxy that strips a prefix.
 
 The contract's server is ``https://console.gmicloud.ai/api``: a client configured like production calls
-``<base>/api/v1/images``. ``HotPath`` (hotpath.py) hands such requests to ``Prefixes``, which takes the
+``<base>/api/v1/images``. ``HotPath`` (reads.py) hands such requests to ``Prefixes``, which takes the
 request's external prefix off the path (``/api``, after the ASGI server's ``root_path`` or
 ``CE_ROOT_PATH`` for a proxy that strips one), so everything inside sees the same route path
 (``/v1/images``) and answers the same bytes; the prefix goes into ``scope["root_path"]``. On the way out

@@ -4,7 +4,7 @@ read endpoints: ``view.list(query)`` and ``view.get(image_id)`` answer with seri
 
 from __future__ import annotations
 
-from .. import visibility
+from .. import permissions
 from ..validation import ListQuery
 from ..wire import Rendered
 from .answers import Answers
@@ -29,7 +29,7 @@ class View:
     def get(self, image_id: str) -> Rendered | None:
         """The image if this org may see it; None when it is missing or not this org's to see."""
         entry = self._entries.get(image_id)
-        if entry is None or not visibility.org_sees(self.org, entry.namespace):
+        if entry is None or not permissions.org_sees(self.org, entry.namespace):
             return None
         return self._answers.item(entry)
 

@@ -19,7 +19,7 @@ from collections.abc import MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
 
-from . import validation, visibility
+from . import permissions, validation
 from .auth import SEVERAL_AUTHORIZATIONS, Verifier
 from .errors import ApiError, NotFound
 from .observability import ORG_KEY, REQUEST_ID, Observer
@@ -133,7 +133,7 @@ class GetImage(_ReadEndpoint):
         image_id = self._image_id(scope["path"][len(ITEM_PREFIX) :])
         rendered = (await self.catalog.view(caller.org)).get(image_id)
         if rendered is None:  # an image the caller may not see is the same 404 as a missing one
-            raise NotFound(visibility.NOT_FOUND)
+            raise NotFound(permissions.NOT_FOUND)
         return rendered.answer(if_none_match)
 
 

@@ -1,6 +1,6 @@
 """HTTP handlers for image writes: decode → rule → store → encode. Errors are raised, never built here.
 
-The read endpoints are in ``hotpath.py``.
+The read endpoints are in ``reads.py``.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from ..deadline import within
 from ..schemas import ImageCreateReq, ImageResp, json_encoder
 from ..storage.records import Actor
 from ..storage.store import Store
-from . import bodies, validation, visibility, wire
+from . import bodies, permissions, validation, wire
 from .auth import Principal, Verifier
 from .errors import PayloadTooLarge, RequestInvalid, Unavailable
-from .hotpath import request_headers
 from .observability import ORG_KEY
 from .readmodel import Catalog
+from .reads import request_headers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -138,9 +138,9 @@ async def _bounded(request: Request, write: Awaitable[T]) -> T:
 
 async def create_image(request: Request) -> Response:
     caller = principal(request)
-    visibility.require_some_write_scope(caller)
+    permissions.require_some_write_scope(caller)
     spec, image_type = bodies.read_create_request(await read_json(request))
-    visibility.check_create(caller, image_type, spec.orgId)
+    permissions.check_create(caller, image_type, spec.orgId)
     store: Store = request.app.state.store
     image = await _bounded(request, store.create_image(spec, image_type, actor(caller)))
     return _written(image, 201, {"Location": f"/v1/images/{image.id}"})
@@ -148,12 +148,12 @@ async def create_image(request: Request) -> Response:
 
 async def patch_image(request: Request) -> Response:
     caller = principal(request)
-    visibility.require_some_write_scope(caller)
+    permissions.require_some_write_scope(caller)
     image_id = validation.image_id(request.path_params["id"])
     patch = await read_json(request)
 
     def change(current: ImageResp) -> ImageCreateReq:
-        visibility.check_change(caller, current.type, current.orgId)
+        permissions.check_change(caller, current.type, current.orgId)
         return bodies.read_patch(msgspec.to_builtins(current), patch)
 
     store: Store = request.app.state.store
@@ -163,11 +163,11 @@ async def patch_image(request: Request) -> Response:
 
 async def delete_image(request: Request) -> Response:
     caller = principal(request)
-    visibility.require_some_write_scope(caller)
+    permissions.require_some_write_scope(caller)
     image_id = validation.image_id(request.path_params["id"])
 
     def check(current: ImageResp) -> None:
-        visibility.check_change(caller, current.type, current.orgId)
+        permissions.check_change(caller, current.type, current.orgId)
 
     store: Store = request.app.state.store
     await _bounded(request, store.delete_image(image_id, actor(caller), check))
