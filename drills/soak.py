@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.report import table
+
 from .common import (
     Outcome,
     Report,
@@ -150,38 +152,35 @@ def run(workdir: Path, *, short: bool) -> Report:
     if report.failures:
         report.details += ["Server log (tail):", "", "```", log_tail, "```", ""]
 
-    # Per-window rows.
     unit = "minute" if width == 60 else f"{width:.0f} s"
-    names = [f"w{n}" for n in range(1, len(pids) + 1)]
     report.details += [
         f"Per {unit} (RSS: last sample in the window, MiB; fds: maximum in the window):",
         "",
-        f"| {unit} | requests | errors | p50 ms | p99 ms | "
-        + " | ".join(f"RSS {w}" for w in names)
-        + " | "
-        + " | ".join(f"fds {w}" for w in names)
-        + " |",
-        "|" + "---|" * (5 + 2 * len(names)),
+        *_window_table(outcomes, samples, pids, width, warmup),
     ]
-    for index, group in windows(outcomes, width):
-        in_window = _in(samples, index * width, (index + 1) * width)
-        latencies = [o.latency for o in group]
-        rss_cells = []
-        fd_cells = []
-        for pid in pids:
-            rss = _rss(in_window, pid)
-            fds = _fds(in_window, pid)
-            rss_cells.append(f"{rss[-1]:.1f}" if rss else "-")
-            fd_cells.append(str(max(fds)) if fds else "-")
-        label = f"{index + 1}" + (" (warm-up)" if (index + 1) * width <= warmup else "")
-        report.details.append(
-            f"| {label} | {len(group)} | {sum(1 for o in group if not _ok(o))} | "
-            f"{percentile(latencies, 0.5) * 1000:.1f} | {percentile(latencies, 0.99) * 1000:.1f} | "
-            + " | ".join(rss_cells)
-            + " | "
-            + " | ".join(fd_cells)
-            + " |"
-        )
     # The table is long-run evidence; `--no-docs` runs would otherwise never show it.
     print("\n".join(line for line in report.details if line.startswith(("Per ", "|"))), flush=True)
     return report
+
+
+def _window_table(
+    outcomes: list[Outcome], samples: list[Sample], pids: list[int], width: float, warmup: float
+) -> list[str]:
+    """A row per window of ``width`` seconds: requests, errors, p50/p99, each worker's RSS and fds."""
+    rows = []
+    for index, group in windows(outcomes, width):
+        in_window = _in(samples, index * width, (index + 1) * width)
+        latencies = [o.latency for o in group]
+        rss = [_rss(in_window, pid) for pid in pids]
+        fds = [_fds(in_window, pid) for pid in pids]
+        label = f"{index + 1}" + (" (warm-up)" if (index + 1) * width <= warmup else "")
+        rows.append(
+            [label, len(group), sum(1 for o in group if not _ok(o))]
+            + [f"{percentile(latencies, 0.5) * 1000:.1f}", f"{percentile(latencies, 0.99) * 1000:.1f}"]
+            + [f"{values[-1]:.1f}" if values else "-" for values in rss]
+            + [str(max(values)) if values else "-" for values in fds]
+        )
+    names = [f"w{n}" for n in range(1, len(pids) + 1)]
+    unit = "minute" if width == 60 else f"{width:.0f} s"
+    columns = [unit, "requests", "errors", "p50 ms", "p99 ms", *(f"RSS {w}" for w in names)]
+    return table([*columns, *(f"fds {w}" for w in names)], rows)
