@@ -80,7 +80,8 @@ def measure(
     results: dict[tuple[str, int, str], list[WrkResult]] = {}
     for round_index in range(opts.rounds):
         order = SERVERS[round_index % 3 :] + SERVERS[: round_index % 3]
-        log(f"round {round_index + 1}/{opts.rounds} ({len(scenarios) * len(opts.connections) * 3} runs)")
+        runs = len(scenarios) * len(opts.connections) * len(SERVERS)
+        log(f"round {round_index + 1}/{opts.rounds} ({runs} runs of {opts.duration}s)")
         for scenario in scenarios:
             for connections in opts.connections:
                 for server in order:
