@@ -7,7 +7,7 @@ scan of the request headers for ``If-None-Match``, and the two ``send`` calls.
 
 The responses file (``--responses``, or ``BENCH_BASELINE_RESPONSES`` in the worker) is a JSON list of
 ``{"path", "query", "status", "headers": [[name, value], …], "body_b64", "etag", "headers_304"}`` written by
-``bench/run.py`` from the real service's answers.
+``bench/nginx.py`` (``python -m bench run``) from the real service's answers.
 
     python bench/baseline_app.py --port 8081 --responses responses.json
 """

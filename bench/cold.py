@@ -1,6 +1,6 @@
 """The cold path in process: what an org's first request costs the worker when its images are not held.
 
-    ./dev run python bench/cold.py [--orgs 1250] [--per-org 80] [--store sqlite|postgresql]
+    ./dev run python -m bench cold [--orgs 1250] [--per-org 80] [--store sqlite|postgresql]
 
 Builds a catalog of ``--orgs`` orgs with ``--per-org`` Customized images each (plus the benchmark's 800
 Public images) with ``cluster-engine catalog import``, then, on a fresh read model each time:
@@ -19,46 +19,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import itertools
 import os
 import random
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import run as bench  # noqa: E402
+from .catalog import IDCS, NAMESPACE, make_image, org_id, public_images, write_images
+from .common import CLUSTER_ENGINE
 
 PER_ORG_SEED = 7
 
 
 def write_catalog(path: Path, orgs: int, per_org: int) -> list[str]:
     """Public images plus ``per_org`` Customized images for each of ``orgs`` orgs; returns the org ids."""
-    org_ids = [str(bench.org_id(n)) for n in range(orgs)]
-    with path.open("w", encoding="utf-8") as out:
-        out.write("[\n")
-        out.write(",\n".join(json.dumps(image, separators=(",", ":")) for image in bench.public_images()))
+    org_ids = [str(org_id(n)) for n in range(orgs)]
+
+    def customized() -> Iterator[dict[str, Any]]:
         for n, org in enumerate(org_ids):
             rng = random.Random(PER_ORG_SEED * 1_000_003 + n)
             for k in range(per_org):
-                image, _ = bench._image(
+                yield make_image(
                     rng,
-                    image_id=uuid.uuid5(bench.NAMESPACE, f"cold-{n}-{k}"),
+                    image_id=uuid.uuid5(NAMESPACE, f"cold-{n}-{k}"),
                     kind="Customized",
                     org=uuid.UUID(org),
-                    idc=bench.IDCS[rng.randrange(len(bench.IDCS))],
+                    idc=IDCS[rng.randrange(len(IDCS))],
                     name=f"Cold-{n:05d}-{k:03d}",
                     created=f"2026-02-{1 + k % 28:02d}T{k % 24:02d}:00:00Z",
                 )
-                out.write(",\n" + json.dumps(image, separators=(",", ":")))
-        out.write("\n]\n")
+
+    write_images(path, itertools.chain(public_images(), customized()))
     return org_ids
 
 
@@ -97,7 +94,7 @@ async def one_round(url: str, orgs: list[str]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench cold", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--orgs", type=int, default=1250)
     parser.add_argument("--per-org", type=int, default=80)
@@ -118,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "CE_DATABASE_URL": url}
     try:
         for command in (["db", "upgrade"], ["catalog", "import", str(catalog_file)]):
-            subprocess.run([bench.CLUSTER_ENGINE, *command], env=env, check=True, capture_output=True)
+            subprocess.run([CLUSTER_ENGINE, *command], env=env, check=True, capture_output=True)
         rounds = [asyncio.run(one_round(url, orgs)) for _ in range(opts.rounds)]
     finally:
         if server is not None:
@@ -128,7 +125,3 @@ def main(argv: list[str] | None = None) -> int:
         values: list[Any] = [r[key] for r in rounds]
         print(f"  {key:32} {statistics.median(values):10.3f}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 CPU per request for the hot endpoints, to compare code changes without a load generator. The machine's
 noise affects it far less than an HTTP benchmark, since it measures process CPU time.
 
-    ./dev run python bench/micro.py [--requests 50000] [--rounds 1] [--cors]
+    ./dev run python -m bench micro [--requests 50000] [--rounds 1] [--cors]
 
 With --cors, CORS is on (CE_CORS_ORIGINS) and every request carries an allowed Origin, as a browser's do.
 """
@@ -22,7 +22,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+from .catalog import org_id, write_catalog
+
 SPREAD_ORGS = 2500  # tokens rotated through by the "spread" case
 
 
@@ -34,11 +35,8 @@ def prepare(cors: bool) -> tuple[Any, str, Any]:
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="ce-micro-metrics-"))
     from cluster_engine.server.config import load_settings
 
-    sys.path.insert(0, str(HERE))
-    import run as bench
-
     workdir = Path(tempfile.mkdtemp(prefix="ce-micro-"))
-    info = bench.write_catalog(1000, workdir / "catalog.json")
+    info = write_catalog(1000, workdir / "catalog.json")
     secret = secrets.token_urlsafe(48)
     env = {"CE_DATA_DIR": str(workdir), "CE_JWT_SECRET": secret}
     settings = load_settings({**env, "CE_CORS_ORIGINS": CORS_ORIGIN if cors else ""})
@@ -54,8 +52,6 @@ def prepare(cors: bool) -> tuple[Any, str, Any]:
 
 async def measure(settings: Any, secret: str, info: Any, requests: int, rounds: int = 1) -> None:
     origin = [(b"origin", CORS_ORIGIN.encode())] if settings.cors_origins else []
-    import run as bench
-
     from cluster_engine.server.app import create_app
     from cluster_engine.server.auth import mint_token
 
@@ -126,9 +122,7 @@ async def measure(settings: Any, secret: str, info: Any, requests: int, rounds: 
     cases["304"] = scope("/v1/images", filtered, [(b"if-none-match", etag)])
     # the filtered list with a different org's token on every request (the benchmark's orgs first, then
     # orgs without Customized images), as traffic from many consoles arrives
-    spread = [
-        scope("/v1/images", filtered, bearer=mint_token(secret, bench.org_id(n))) for n in range(SPREAD_ORGS)
-    ]
+    spread = [scope("/v1/images", filtered, bearer=mint_token(secret, org_id(n))) for n in range(SPREAD_ORGS)]
     runs: dict[str, list[dict[str, Any]]] = {name: [case] for name, case in cases.items()}
     runs["spread"] = spread
     for name, rotation in runs.items():
@@ -146,10 +140,11 @@ async def measure(settings: Any, secret: str, info: Any, requests: int, rounds: 
     lifespan.cancel()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench micro", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=50000)
     parser.add_argument("--rounds", type=int, default=1, help="measure each case this often, print the best")
     parser.add_argument("--cors", action="store_true", help=f"CORS on, requests from {CORS_ORIGIN}")
-    arguments = parser.parse_args()
+    arguments = parser.parse_args(argv)
     asyncio.run(measure(*prepare(arguments.cors), requests=arguments.requests, rounds=arguments.rounds))
+    return 0

@@ -1,4 +1,4 @@
--- wrk script of bench/orgs.py: the same GET with many bearer tokens, one token after another.
+-- wrk script of bench/orgs.py (python -m bench orgs): the same GET with many bearer tokens, one token after another.
 --
 --   wrk -t1 -c64 -d10s --latency -s bench/orgs.lua URL -- TOKENS_FILE TARGETS [T0 [status]]
 --

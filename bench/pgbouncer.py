@@ -1,6 +1,6 @@
 """What the PgBouncer mode (``pgbouncer=true`` in the URL) costs the service's database calls.
 
-    ./dev run python bench/pgbouncer.py [--n 1000] [--rounds 9]
+    ./dev run python -m bench pgbouncer [--n 1000] [--rounds 9]
 
 One throwaway PostgreSQL server, one throwaway PgBouncer (transaction pooling) in front of it, a catalog
 of 300 Public images and 20 orgs with 30 Customized images each. Each case runs the service's own
@@ -37,6 +37,8 @@ from cluster_engine.storage.store import Store
 from cluster_engine.testing.pgbouncer import PgBouncer, version
 from cluster_engine.testing.pgserver import PostgresServer
 from cluster_engine.testing.samples import image_spec
+
+from .report import table
 
 ORGS, PER_ORG, PUBLIC = 20, 30, 300
 
@@ -101,28 +103,31 @@ async def measure(url: str, bouncer: PgBouncer, n: int, rounds: int) -> dict[str
     return results
 
 
-def main(n: int, rounds: int) -> None:
+def main(argv: list[str] | None = None) -> int:
     from cluster_engine.storage import db
 
+    parser = argparse.ArgumentParser(
+        prog="python -m bench pgbouncer", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=1000, help="calls per case and round")
+    parser.add_argument("--rounds", type=int, default=9)
+    args = parser.parse_args(argv)
     with PostgresServer.start() as postgres, PgBouncer.start(postgres.port) as bouncer:
         url = postgres.create_database()
         db.upgrade(url)  # Alembic runs its own event loop: before ours
-        results = asyncio.run(measure(url, bouncer, n, rounds))
-    print(f"{version()}, microseconds per call (lower is better): median of {rounds} rounds (their range)\n")
+        results = asyncio.run(measure(url, bouncer, args.n, args.rounds))
+    rounds = f"median of {args.rounds} rounds (their range)"
+    print(f"{version()}, microseconds per call (lower is better): {rounds}\n")
     names = ["poll", "org load", "write"]
-    print(f"| case | {' | '.join(names)} |")
-    print(f"|---|{'---:|' * len(names)}")
-    for case, by_name in results.items():
-        cells = " | ".join(
-            f"{statistics.median(by_name[name]):.0f} ({min(by_name[name]):.0f}-{max(by_name[name]):.0f})"
-            for name in names
-        )
-        print(f"| {case} | {cells} |")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--n", type=int, default=1000, help="calls per case and round")
-    parser.add_argument("--rounds", type=int, default=9)
-    args = parser.parse_args()
-    main(args.n, args.rounds)
+    rows = [
+        [
+            case,
+            *(
+                f"{statistics.median(by[name]):.0f} ({min(by[name]):.0f}-{max(by[name]):.0f})"
+                for name in names
+            ),
+        ]
+        for case, by in results.items()
+    ]
+    print("\n".join(table(["case", *names], rows, "l" + "r" * len(names))))
+    return 0

@@ -1,6 +1,6 @@
 """What idle workers' polling costs PostgreSQL and PgBouncer's pool.
 
-    ./dev run python bench/polls.py [--workers 4] [--seconds 20] [--rounds 2]
+    ./dev run python -m bench polls [--workers 4] [--seconds 20] [--rounds 2]
 
 One throwaway PostgreSQL, one throwaway PgBouncer (transaction pooling, pool 20) in front of it, a migrated
 empty catalog, and ``cluster-engine serve --workers W`` with the service's defaults (poll every 0.25 s)
@@ -102,12 +102,12 @@ def measure(url: str, direct_url: str, workers: int, seconds: float, bouncer: Pg
     return line
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench polls", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with PostgresServer.start() as pg:
         direct_url = pg.create_database()
         db.upgrade(direct_url)
@@ -123,7 +123,3 @@ def main() -> int:
         finally:
             bouncer.destroy()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

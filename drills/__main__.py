@@ -21,6 +21,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from bench.report import table
+
 from .common import Report
 
 DRILLS = ("soak", "faults", "failover", "crash", "fuzz", "fleet", "hostile")
@@ -42,9 +44,7 @@ def render(name: str, title: str, report: Report, seconds: float) -> str:
         f"{seconds:.0f} s, {dt.datetime.now(dt.UTC):%Y-%m-%d}, {platform.machine()}, "
         f"Python {platform.python_version()}.",
         "",
-        "| figure | value |",
-        "|---|---|",
-        *(f"| {key} | {_cell(value)} |" for key, value in report.figures.items()),
+        *table(["figure", "value"], [(key, _cell(value)) for key, value in report.figures.items()]),
     ]
     if report.failures:
         lines += ["", "Failures:", "", *(f"- {failure}" for failure in report.failures)]

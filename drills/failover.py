@@ -228,18 +228,13 @@ class Node:
     api_port: int
     process: subprocess.Popen[bytes] | None = None
     killed_at: float | None = None
+    data_dir: Path = field(init=False)  # PostgreSQL's, under ``home``
+    config_path: Path = field(init=False)  # Patroni's
+    api: str = field(init=False)  # Patroni's REST API
 
-    @property
-    def data_dir(self) -> Path:
-        return self.home / "data"
-
-    @property
-    def config_path(self) -> Path:
-        return self.home / "patroni.yml"
-
-    @property
-    def api(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+    def __post_init__(self) -> None:
+        self.data_dir, self.config_path = self.home / "data", self.home / "patroni.yml"
+        self.api = f"http://127.0.0.1:{self.api_port}"
 
     def url(self, database: str = DATABASE) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.pg_port}/{database}"

@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from bench.report import table
 
 from cluster_engine.server.pids import children
 from cluster_engine.testing.pgserver import PostgresServer
@@ -179,14 +180,59 @@ def _recovery(value: float | None) -> str:
     return "never (within the run)" if value is None else f"{value} s"
 
 
+@dataclass
+class FaultRun:
+    """One fault's load and timeline, and what they show: when lists and writes recovered, the longest."""
+
+    fault: Fault
+    outcomes: list[Outcome]
+    t: Timeline
+
+    @property
+    def lists(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.kind == "list"]
+
+    @property
+    def writes(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.kind != "list"]
+
+    @property
+    def list_recovery(self) -> float | None:
+        return recovery_after(self.lists, self.t.restored)
+
+    @property
+    def write_recovery(self) -> float | None:
+        return recovery_after(self.writes, self.t.restored)
+
+    @property
+    def longest(self) -> Outcome | None:
+        return max(self.outcomes, key=lambda o: o.latency, default=None)
+
+    @property
+    def outside_contract(self) -> int:
+        return sum(1 for o in self.outcomes if o.problem)
+
+
 def run(workdir: Path, *, short: bool) -> Report:
+    report = Report()
+    runs, log = _measure(workdir, short, report)
+    for r in runs:
+        check_answers(r.outcomes, report, r.fault.name)
+        report.check(r.list_recovery is not None, f"{r.fault.name}: lists never recovered")
+        report.check(r.write_recovery is not None, f"{r.fault.name}: writes never recovered")
+    _report(runs, log, report)
+    return report
+
+
+def _measure(workdir: Path, short: bool, report: Report) -> tuple[list[FaultRun], str]:
+    """The load at ``LOAD_SHARE`` of the measured capacity through each fault in turn; the ledger of
+    every load verified against the database at the end. Returns the runs and the server's log."""
     before, down_for, after = (2.0, 3.0, 5.0) if short else (10.0, 5.0, 20.0)
     capacity_seconds = 3.0 if short else 10.0
     # start_again (with crash recovery after kill -9) takes a second or so: the load runs that much longer
     restart_allowance = 1.5 if short else 2.0
-    report = Report()
-    figures: dict[str, Any] = report.figures
-    results: list[tuple[Fault, Load, Timeline]] = []
+    figures = report.figures
+    runs: list[FaultRun] = []
     with pg_service(workdir) as service:
         capacity = measure_capacity(service, capacity_seconds, warmup=1.0 if short else 2.0)
         rate = round(LOAD_SHARE * capacity.rate, 1)
@@ -201,6 +247,7 @@ def run(workdir: Path, *, short: bool) -> Report:
             f"{after:.0f} s+ of load; a fault ends when PostgreSQL accepts connections again (restart) "
             "or at SIGCONT"
         )
+        loads = [capacity.load]
         for fault in FAULTS:
             if short and fault.full_only:
                 continue
@@ -210,65 +257,64 @@ def run(workdir: Path, *, short: bool) -> Report:
             injector.start()
             load.run(before + down + restart_allowance + after)
             injector.join()
-            results.append((fault, load, injector.timeline))
+            loads.append(load)
+            runs.append(FaultRun(fault, load.outcomes, injector.timeline))
             if injector.timeline.error is not None:
                 report.failures.append(f"{fault.name}: injecting the fault failed: {injector.timeline.error}")
                 break
         service.pg.wait_ready()
         service.server.wait_synced(timeout=10)
-        loads = [capacity.load] + [load for _, load, _ in results]
         verify_ledger(service.database_url, merge_ledgers([ld.ledger for ld in loads]), report)
-        log = service.server.log()
+        check_answers(capacity.load.outcomes, report, "before the faults")
+        return runs, service.server.log()
 
-    check_answers(capacity.load.outcomes, report, "before the faults")
-    report.details += [
-        "| fault | requests | answers | outside contract | longest (ms) | lists recover | writes recover |",
-        "|---|---|---|---|---|---|---|",
-    ]
+
+def _report(runs: list[FaultRun], log: str, report: Report) -> None:
+    """Each fault's figures, the table of faults, the slow answers and the server log's warnings."""
+    rows = []
     slow_lines: list[str] = []
-    for fault, load, t in results:
-        outcomes = load.outcomes
-        summary = summarize(outcomes)
-        bad = sum(1 for o in outcomes if o.problem)
-        longest = max(outcomes, key=lambda o: o.latency, default=None)
-        lists = [o for o in outcomes if o.kind == "list"]
-        writes = [o for o in outcomes if o.kind != "list"]
-        list_recovery = recovery_after(lists, t.restored)
-        write_recovery = recovery_after(writes, t.restored)
+    for r in runs:
+        t, longest = r.t, r.longest
+        by_status = summarize(r.outcomes)["by_status"]
         longest_text = (
             f"{_ms(longest.latency)} ms ({longest.kind}, sent {longest.started - t.injected:+.1f} s from "
             f"the fault, answer {longest.status or 'none'})"
             if longest
             else "n/a"
         )
-        figures[fault.name] = {
-            "what": fault.description,
+        report.figures[r.fault.name] = {
+            "what": r.fault.description,
             "down": f"{t.restored - t.injected:.1f} s (inject took {t.down - t.injected:.2f} s, "
             f"restore {t.restored - t.restoring:.2f} s)",
-            **({"did": fault.note()} if fault.note else {}),
-            "requests": len(outcomes),
-            "answers": summary["by_status"],
-            "outside contract": bad,
+            **({"did": r.fault.note()} if r.fault.note else {}),
+            "requests": len(r.outcomes),
+            "answers": by_status,
+            "outside contract": r.outside_contract,
             "longest response": longest_text,
-            "longest list / write (ms)": f"{_ms(max((o.latency for o in lists), default=0))} / "
-            f"{_ms(max((o.latency for o in writes), default=0))}",
-            "lists recover": _recovery(list_recovery),
-            "writes recover": _recovery(write_recovery),
+            "longest list / write (ms)": f"{_ms(max((o.latency for o in r.lists), default=0))} / "
+            f"{_ms(max((o.latency for o in r.writes), default=0))}",
+            "lists recover": _recovery(r.list_recovery),
+            "writes recover": _recovery(r.write_recovery),
         }
-        answers = ", ".join(f"{k}: {v}" for k, v in summary["by_status"].items())
-        report.details.append(
-            f"| {fault.name} | {len(outcomes)} | {answers}"
-            f" | {bad} | {_ms(longest.latency) if longest else '-'} | {_recovery(list_recovery)} | "
-            f"{_recovery(write_recovery)} |"
+        answers = ", ".join(f"{k}: {v}" for k, v in by_status.items())
+        rows.append(
+            [
+                r.fault.name,
+                len(r.outcomes),
+                answers,
+                r.outside_contract,
+                _ms(longest.latency) if longest else "-",
+                _recovery(r.list_recovery),
+                _recovery(r.write_recovery),
+            ]
         )
-        check_answers(outcomes, report, fault.name)
-        report.check(list_recovery is not None, f"{fault.name}: lists never recovered")
-        report.check(write_recovery is not None, f"{fault.name}: writes never recovered")
-        slow = sorted((o for o in outcomes if o.latency > SLOW), key=lambda o: o.started)
+        slow = sorted((o for o in r.outcomes if o.latency > SLOW), key=lambda o: o.started)
         if slow:
             slow_lines.append(
-                f"- {fault.name}: {len(slow)} answers slower than {SLOW:.0f} s: " + _slow(slow, t)
+                f"- {r.fault.name}: {len(slow)} answers slower than {SLOW:.0f} s: " + _slow(slow, t)
             )
+    columns = ["fault", "requests", "answers", "outside contract", "longest (ms)", "lists recover"]
+    report.details += table([*columns, "writes recover"], rows)
     if slow_lines:
         report.details += [
             "",
@@ -279,10 +325,9 @@ def run(workdir: Path, *, short: bool) -> Report:
     warnings = [
         line for line in log.splitlines() if "WARNING" in line or "ERROR" in line or "Traceback" in line
     ]
-    figures["server log warnings"] = len(warnings)
+    report.figures["server log warnings"] = len(warnings)
     if report.failures and warnings:
         report.details += ["", "Server log warnings (first 20):", "", "```", *warnings[:20], "```"]
-    return report
 
 
 def _slow(slow: list[Outcome], t: Timeline) -> str:

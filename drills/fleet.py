@@ -154,31 +154,14 @@ class Topology:
 
 
 def topologies(short: bool) -> list[Topology]:
-    faults: tuple[Callable[[], Fault], ...] = (PgBouncerRestart, ReplicaKill)
-    if short:
-        return [
-            Topology("direct", Shape(6, 2, 32, 120.0, 2.0, 4.0, 100), via_pgbouncer=False),
-            Topology("PgBouncer", Shape(6, 3, 32, 120.0, 2.0, 4.0, 100), via_pgbouncer=True, faults=faults),
-            Topology(
-                "standby",
-                Shape(4, 2, 32, 120.0, 2.0, 4.0, 100),
-                via_pgbouncer=False,
-                faults=(StandbyReplayPaused,),
-                standby=True,
-            ),
-        ]
+    """Direct, through PgBouncer, with a standby: (replicas, workers) of each, and the timings they share."""
+    sizes = ((6, 2), (6, 3), (4, 2)) if short else ((25, 2), (25, 4), (10, 2))
+    timings = (32, 120.0, 2.0, 4.0, 100) if short else (64, 300.0, 3.0, 20.0, 200)
+    direct, bounced, standby = (Shape(replicas, workers, *timings) for replicas, workers in sizes)
     return [
-        Topology(
-            "direct", Shape(25, 2, 64, 300.0, 3.0, 20.0, 200), via_pgbouncer=False, faults=(ReplicaKill,)
-        ),
-        Topology("PgBouncer", Shape(25, 4, 64, 300.0, 3.0, 20.0, 200), via_pgbouncer=True, faults=faults),
-        Topology(
-            "standby",
-            Shape(10, 2, 64, 300.0, 3.0, 20.0, 200),
-            via_pgbouncer=False,
-            faults=(StandbyReplayPaused,),
-            standby=True,
-        ),
+        Topology("direct", direct, via_pgbouncer=False, faults=() if short else (ReplicaKill,)),
+        Topology("PgBouncer", bounced, via_pgbouncer=True, faults=(PgBouncerRestart, ReplicaKill)),
+        Topology("standby", standby, via_pgbouncer=False, faults=(StandbyReplayPaused,), standby=True),
     ]
 
 
@@ -288,6 +271,11 @@ def _provenance() -> str:
             changed = f", with uncommitted changes to {', '.join(dirty)}" if dirty else ""
             return f"Source: {head}{changed}."
     return "Source: unknown (not a git checkout)."
+
+
+def _burst(answers: list[Answer], what: str, seconds: float) -> str:
+    rate = len(answers) / seconds if seconds else float("nan")
+    return f"{len(answers)} {what} in {seconds:.1f} s ({rate:.0f} req/s); {_ms([a.latency for a in answers])}"
 
 
 def _ms(values: Sequence[float]) -> str:
@@ -522,25 +510,16 @@ def run_topology(workdir: Path, pg: PostgresServer, topology: Topology, report: 
             mark("idle end")
         # ---------------------------------------------------------------------- figures
         answers = traffic.answers
-        by_phase = {p: [a for a in answers if a.phase == p] for p in ("cold burst", "owned burst", "writes")}
-        cold_answers, owned_answers, writes = (
-            by_phase["cold burst"],
-            by_phase["owned burst"],
-            by_phase["writes"],
+        cold_answers, owned_answers, writes, reads = (
+            [a for a in answers if a.phase == p] for p in ("cold burst", "owned burst", "writes", "reads")
         )
-        reads = [a for a in answers if a.phase == "reads"]
         write_span = mark["writes end"] - mark["bursts"]
-        figures["cold burst"] = (
-            f"{len(cold_answers)} first requests ({shape.new_orgs} new orgs x {shape.replicas} replicas, "
-            f"{shape.concurrency} in flight, a new connection each) in {mark['cold seconds']:.1f} s "
-            f"({len(cold_answers) / mark['cold seconds']:.0f} req/s); "
-            f"{_ms([a.latency for a in cold_answers])}"
+        new_orgs = f"{shape.new_orgs} new orgs x {shape.replicas} replicas, {shape.concurrency} in flight"
+        figures["cold burst"] = _burst(
+            cold_answers, f"first requests ({new_orgs}, a new connection each)", mark["cold seconds"]
         )
-        figures["owned-orgs burst"] = (
-            f"{len(owned_answers)} requests ({ORGS} orgs with {PER_ORG} Customized images each x "
-            f"{shape.replicas} replicas) in {mark['owned seconds']:.1f} s; "
-            f"{_ms([a.latency for a in owned_answers])}"
-        )
+        owned_orgs = f"{ORGS} orgs with {PER_ORG} Customized images each x {shape.replicas} replicas"
+        figures["owned-orgs burst"] = _burst(owned_answers, f"requests ({owned_orgs})", mark["owned seconds"])
         figures["writes"] = (
             f"{len(writes)} ({sum(a.kind == 'create' for a in writes)} creates, "
             f"{sum(a.kind == 'delete' for a in writes)} deletes) over {write_span:.1f} s = "

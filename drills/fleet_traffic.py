@@ -67,6 +67,10 @@ def is_contract_503(response: httpx.Response) -> bool:
         return False
 
 
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def list_problem(body: bytes, caller: str, expected: set[str]) -> str | None:
     """None when every image listed is Public or the caller's and every ``expected`` id is there."""
     try:
@@ -132,6 +136,15 @@ class Traffic:
 
     # ------------------------------------------------------------------------------------ bursts
 
+    async def read_list(
+        self, client: httpx.AsyncClient, phase: str, target: str, token: str, caller: str, expected: set[str]
+    ) -> None:
+        """GET /v1/images as ``caller`` (with its ``token``); a 200 must list exactly ``expected``."""
+        request = client.get(f"{target}/v1/images", headers=_bearer(token))
+        response, answer = await self.send(phase, "list", target, request)
+        if response is not None and response.status_code == 200:
+            answer.problem = list_problem(response.content, caller, expected)
+
     async def burst(
         self, client: httpx.AsyncClient, phase: str, jobs: list[tuple[str, str, str, set[str]]], width: int
     ) -> float:
@@ -141,15 +154,7 @@ class Traffic:
 
         async def worker() -> None:
             while queue:
-                target, token, caller, expected = queue.pop()
-                response, answer = await self.send(
-                    phase,
-                    "list",
-                    target,
-                    client.get(f"{target}/v1/images", headers={"Authorization": f"Bearer {token}"}),
-                )
-                if response is not None and response.status_code == 200:
-                    answer.problem = list_problem(response.content, caller, expected)
+                await self.read_list(client, phase, *queue.pop())
 
         await asyncio.gather(*(worker() for _ in range(width)))
         return time.monotonic() - began
@@ -224,12 +229,8 @@ class Traffic:
             who = rnd.randrange(ORGS)
             body = create_body(org(who), name=name, idc=rnd.choice(IDCS))
             token = self.writers[who]
-        response, _ = await self.send(
-            "writes",
-            "create",
-            target,
-            client.post(f"{target}/v1/images", json=body, headers={"Authorization": f"Bearer {token}"}),
-        )
+        request = client.post(f"{target}/v1/images", json=body, headers=_bearer(token))
+        response, _ = await self.send("writes", "create", target, request)
         if response is not None and response.status_code == 201:
             image = response.json()
             self.ledger.created[image["id"]] = image
@@ -238,12 +239,8 @@ class Traffic:
             self.ledger.uncertain_names.add(name)
 
     async def _delete(self, client: httpx.AsyncClient, target: str, image_id: str, token: str) -> None:
-        response, _ = await self.send(
-            "writes",
-            "delete",
-            target,
-            client.delete(f"{target}/v1/images/{image_id}", headers={"Authorization": f"Bearer {token}"}),
-        )
+        request = client.delete(f"{target}/v1/images/{image_id}", headers=_bearer(token))
+        response, _ = await self.send("writes", "delete", target, request)
         if response is not None and response.status_code == 204:
             self.ledger.deleted.add(image_id)
         else:
@@ -262,7 +259,7 @@ class Traffic:
             "propagation",
             "create",
             origin,
-            writer.post(f"{origin}/v1/images", json=body, headers={"Authorization": f"Bearer {self.admin}"}),
+            writer.post(f"{origin}/v1/images", json=body, headers=_bearer(self.admin)),
         )
         acked = time.monotonic()
         result.write_latency = acked - sent
@@ -274,7 +271,7 @@ class Traffic:
         self.ledger.created[image["id"]] = image
         needle = image["id"].encode()
         reader = mint_token(self.secret, uuid.uuid4())
-        headers = {"Authorization": f"Bearer {reader}"}
+        headers = _bearer(reader)
 
         async def watch(target: str) -> None:
             first_hit: float | None = None
@@ -326,15 +323,9 @@ class Traffic:
         await self._paced(READ_RATE, stop, read)
 
     async def _read(self, client: httpx.AsyncClient, target: str, who: int, token: str) -> None:
-        response, answer = await self.send(
-            "reads",
-            "list",
-            target,
-            client.get(f"{target}/v1/images", headers={"Authorization": f"Bearer {token}"}),
+        await self.read_list(
+            client, "reads", target, token, str(org(who)), self.public_ids | self.owned_ids[who]
         )
-        if response is not None and response.status_code == 200:
-            expected = self.public_ids | self.owned_ids[who]
-            answer.problem = list_problem(response.content, str(org(who)), expected)
 
 
 @dataclass

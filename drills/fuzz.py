@@ -66,31 +66,16 @@ class Plan:
     scenarios: int  # max-examples of the stateful phase (hypothesis runs fewer, longer scenarios)
     stateful_seconds: int  # then a stateful-only run repeating suites for this long (0: none)
     steps: int  # most steps per stateful scenario
-    workers: int  # schemathesis workers
     schemathesis_timeout: float  # seconds before the schemathesis subprocess is killed
     atheris_seconds: int  # -max_total_time per atheris target
 
 
+# examples, scenarios, stateful_seconds, steps, schemathesis_timeout, atheris_seconds
+FULL = Plan(5000, 2500, 300, 12, 3600, 120)
+SHORT = Plan(40, 40, 0, 6, 180, 6)
 # One schemathesis worker: with more, hypothesis's lambda descriptions (ast.parse in threads) sometimes
 # fail with "SystemError: AST constructor recursion depth mismatch" on Python 3.11.
-FULL = Plan(
-    examples=5000,
-    scenarios=2500,
-    stateful_seconds=300,
-    steps=12,
-    workers=1,
-    schemathesis_timeout=3600,
-    atheris_seconds=120,
-)
-SHORT = Plan(
-    examples=40,
-    scenarios=40,
-    stateful_seconds=0,
-    steps=6,
-    workers=1,
-    schemathesis_timeout=180,
-    atheris_seconds=6,
-)
+SCHEMATHESIS_WORKERS = 1
 
 
 # ------------------------------------------------------------------------------ schemathesis (child)
@@ -293,23 +278,27 @@ def _st_run(workdir: Path, name: str, url: str, token: str, args: list[str], tim
         *args,
     ]  # fmt: skip
     began = time.monotonic()
-    with log_path.open("wb") as log:
-        try:
-            exit_code: int | None = subprocess.run(
-                command,
-                cwd=workdir,
-                env=_child_env({"CE_FUZZ_TOKEN_ORG": str(DEMO_ORG)}),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                timeout=timeout,
-            ).returncode
-        except subprocess.TimeoutExpired:
-            exit_code = None
+    env = _child_env({"CE_FUZZ_TOKEN_ORG": str(DEMO_ORG)})
+    exit_code, output = _run_logged(command, workdir, env, log_path, timeout)
     seconds = time.monotonic() - began
     result = json.loads(summary.read_text()) if summary.exists() else None
     events = _read_ndjson(ndjson) if ndjson.exists() else _read_ndjson_empty()
-    return _Invocation(name, exit_code, result, events, log_path.read_text(errors="replace"), seconds)
+    return _Invocation(name, exit_code, result, events, output, seconds)
+
+
+def _run_logged(
+    command: list[str], workdir: Path, env: dict[str, str], log_path: Path, timeout: float
+) -> tuple[int | None, str]:
+    """Run a fuzzer child in ``workdir`` with its output to ``log_path``: its exit code (None when it
+    ran past ``timeout`` and was killed) and what it wrote."""
+    with log_path.open("wb") as log:
+        streams: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": log, "stderr": subprocess.STDOUT}
+        child: subprocess.CompletedProcess[bytes] | None
+        try:
+            child = subprocess.run(command, cwd=workdir, env=env, timeout=timeout, check=False, **streams)
+        except subprocess.TimeoutExpired:
+            child = None
+    return (child.returncode if child else None), log_path.read_text(errors="replace")
 
 
 def _read_ndjson_empty() -> dict[str, Any]:
@@ -329,7 +318,7 @@ def run_schemathesis(workdir: Path, plan: Plan, report: Report) -> None:
         token = server.token(DEMO_ORG, scopes=TOKEN_SCOPES, ttl=ttl)
         document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
         every_phase = ["--phases", "examples,coverage,fuzzing,stateful", "--max-examples", str(plan.examples)]
-        common = ["--workers", str(plan.workers), "--seed", str(seed)]
+        common = ["--workers", str(SCHEMATHESIS_WORKERS), "--seed", str(seed)]
         runs.append(
             _st_run(
                 workdir, "schemathesis", server.url, token, every_phase + common, plan.schemathesis_timeout
@@ -462,21 +451,7 @@ def run_atheris(workdir: Path, plan: Plan, report: Report) -> None:
             f"-artifact_prefix={crash_dir}/{target}-",
             str(corpus),
         ]
-        with log_path.open("wb") as log:
-            try:
-                process = subprocess.run(
-                    command,
-                    cwd=workdir,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    timeout=plan.atheris_seconds + 120,
-                )
-                exit_code: int | None = process.returncode
-            except subprocess.TimeoutExpired:
-                exit_code = None
-        output = log_path.read_text(errors="replace")
+        exit_code, output = _run_logged(command, workdir, env, log_path, plan.atheris_seconds + 120)
         units = _UNITS.search(output) or _DONE.search(output)
         executions[target] = int(units.group(1)) if units else 0
         covered = _COVERAGE.findall(output)
