@@ -53,11 +53,15 @@ def ensure_tools() -> None:
         subprocess.run(["apt-get", "install", "-y", *packages], env=env, check=True, timeout=900)
 
 
-def service_config() -> str:
-    extra = sorted(k for k in os.environ if k.startswith("CE_") and k not in SET_BY_BENCH | DROPPED_BY_BENCH)
-    if not extra:
+def service_config(service_env: dict[str, str] | None = None) -> str:
+    """The service's ``CE_*`` settings besides the harness's own: from this environment, then
+    ``service_env`` (``bench run --service-env``), which wins."""
+    skipped = SET_BY_BENCH | DROPPED_BY_BENCH
+    values = {k: v for k, v in os.environ.items() if k.startswith("CE_") and k not in skipped}
+    values |= service_env or {}
+    if not values:
         return "defaults (the harness sets only CE_DATA_DIR, CE_DATABASE_URL, CE_JWT_SECRET)"
-    return "defaults plus " + ", ".join(f"`{k}={os.environ[k]}`" for k in extra)
+    return "defaults plus " + ", ".join(f"`{k}={values[k]}`" for k in sorted(values))
 
 
 def _output(argv: list[str]) -> subprocess.CompletedProcess[str]:

@@ -1,5 +1,6 @@
-"""The two floors ``bench run`` compares the service with, serving its exact answers: the raw ASGI app of
-bench/baseline_app.py on the same Granian setup, and nginx with the bytes as static files."""
+"""The three floors ``bench run`` compares the service with, serving its exact answers: the raw app of
+bench/baseline_app.py on the same Granian setup over ASGI and over RSGI, and nginx with the bytes as static
+files."""
 
 from __future__ import annotations
 
@@ -133,31 +134,42 @@ def write_nginx_config(workdir: Path, port: int, scenarios: list[Scenario]) -> P
     return path
 
 
+FLOORS = ("asgi", "rsgi", "nginx")  # the names ``start_floors`` gives its processes
+
+
 def start_floors(
     cores: Cores, sizedir: Path, token: str, scenarios: list[Scenario]
 ) -> tuple[dict[str, Process], dict[str, str]]:
-    """The baseline and nginx with the service's captured answers, both ready and checked against them:
-    their processes and base URLs, by name. The caller stops the processes."""
+    """The raw ASGI and raw RSGI baselines and nginx with the service's captured answers, each ready and
+    checked against them: their processes and base URLs, by name (``FLOORS``). The caller stops the
+    processes."""
     responses = sizedir / "baseline-responses.json"
     write_baseline_responses(responses, scenarios)
-    ports = {"baseline": free_port(), "nginx": free_port()}
+    ports = {name: free_port() for name in FLOORS}
     nginx_dir = sizedir / "nginx"
     config = write_nginx_config(nginx_dir, ports["nginx"], scenarios)
+
+    def baseline(interface: str) -> list[str]:
+        return [
+            *(PYTHON, str(BENCH_DIR / "baseline_app.py"), "--interface", interface),
+            *("--port", str(ports[interface]), "--responses", str(responses)),
+        ]
+
     argv = {
-        "baseline": [
-            *(PYTHON, str(BENCH_DIR / "baseline_app.py")),
-            *("--port", str(ports["baseline"]), "--responses", str(responses)),
-        ],
+        "asgi": baseline("asgi"),
+        "rsgi": baseline("rsgi"),
         "nginx": [shutil.which("nginx") or "nginx", "-c", str(config), "-p", str(nginx_dir)],
     }
-    envs = {"baseline": dict(os.environ), "nginx": {"PATH": os.environ.get("PATH", os.defpath)}}
+    path_only = {"PATH": os.environ.get("PATH", os.defpath)}
+    envs = {"asgi": dict(os.environ), "rsgi": dict(os.environ), "nginx": path_only}
+    timeouts = {"asgi": 60, "rsgi": 60, "nginx": 30}
     started: dict[str, Process] = {}
     bases = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     try:
-        for name, timeout in (("baseline", 60), ("nginx", 30)):
+        for name in FLOORS:
             process = Process(name, [*cores.server, *argv[name]], envs[name], sizedir / f"{name}.log")
             started[name] = process
-            wait_http(bases[name] + scenarios[0].target, process, timeout=timeout)
+            wait_http(bases[name] + scenarios[0].target, process, timeout=timeouts[name])
             check_replica(name, bases[name], token, scenarios)
     except BaseException:
         for process in started.values():

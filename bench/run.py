@@ -1,17 +1,20 @@
-"""Benchmark the read path of cluster-engine against a raw-ASGI floor and nginx.
+"""Benchmark the read path of cluster-engine against raw-ASGI and raw-RSGI floors and nginx.
 
     ./dev run python -m bench run [--sizes 1000,100000,1000000] [--duration 5] [--rounds 3]
                                   [--connections 16,64] [--quick] [--store sqlite|postgresql] [--out FILE.md]
+                                  [--service-env KEY=VALUE ...]
 
 Per catalog size N: generate a deterministic catalog file, load it with ``cluster-engine catalog import``
 (timed), start ``cluster-engine serve`` (one worker, pinned to the first CPU), verify every scenario once
-with real requests, start the baseline (bench/baseline_app.py on the same Granian setup) and nginx with the
-service's exact response bytes, then run ``wrk`` (pinned to the second CPU) against the three servers,
-alternating, for ``--rounds`` rounds. Only medians over rounds are reported. See bench/README.md.
+with real requests, start the two baselines (bench/baseline_app.py on the same Granian setup, over ASGI and
+over RSGI) and nginx with the service's exact response bytes, then run ``wrk`` (pinned to the second CPU)
+against the four servers, alternating, for ``--rounds`` rounds. Only medians over rounds are reported.
+``--service-env KEY=VALUE`` (repeatable) is put in the service's environment only. See bench/README.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 from collections.abc import Sequence
@@ -20,8 +23,9 @@ from pathlib import Path
 from . import harness
 from .catalog import N_PUBLIC, write_catalog
 from .common import BenchError, int_list, log
-from .nginx import start_floors
+from .nginx import FLOORS, start_floors
 from .processes import (
+    SET_BY_BENCH,
     Cores,
     Imported,
     Process,
@@ -36,7 +40,9 @@ from .report import div, fmt_ms, fmt_ratio, fmt_rps, median, mib, table
 from .scenarios import SCENARIOS, Scenario, capture, scenarios_for
 from .wrk import WrkResult, run_wrk
 
-SERVERS = ("service", "baseline", "nginx")
+SERVERS = ("service", *FLOORS)
+# how the report names each server
+TITLES = {"service": "svc", "asgi": "ASGI", "rsgi": "RSGI", "nginx": "nginx"}
 
 
 @dataclasses.dataclass
@@ -66,6 +72,7 @@ class Options:
     store: str
     out: Path | None
     keep: bool
+    service_env: dict[str, str]
 
 
 def measure(
@@ -79,7 +86,8 @@ def measure(
     rotated each round; every server must still be alive before each run."""
     results: dict[tuple[str, int, str], list[WrkResult]] = {}
     for round_index in range(opts.rounds):
-        order = SERVERS[round_index % 3 :] + SERVERS[: round_index % 3]
+        shift = round_index % len(SERVERS)
+        order = SERVERS[shift:] + SERVERS[:shift]
         runs = len(scenarios) * len(opts.connections) * len(SERVERS)
         log(f"round {round_index + 1}/{opts.rounds} ({runs} runs of {opts.duration}s)")
         for scenario in scenarios:
@@ -102,7 +110,7 @@ def bench_size(n: int, opts: Options, cores: Cores, store: Store, workdir: Path)
     token = cli_token(env, info.org)
     processes: list[Process] = []
     try:
-        service, base, startup_s = start_service(env, cores, sizedir, n)
+        service, base, startup_s = start_service({**env, **opts.service_env}, cores, sizedir, n)
         processes.append(service)
         log(f"N={n}: service ready at {base} after {startup_s:.1f}s")
         scenarios = scenarios_for(info)
@@ -150,17 +158,19 @@ def _size_table(r: SizeReport, opts: Options) -> list[str]:
                     f"{r.body_bytes.get(key, 0):,}",
                     connections,
                     *(fmt_rps(rps[s]) for s in SERVERS),
-                    fmt_ratio(div(rps["service"], rps["baseline"])),
-                    fmt_ratio(div(rps["service"], rps["nginx"])),
+                    *(fmt_ratio(div(rps["service"], rps[s])) for s in FLOORS),
+                    fmt_ratio(div(rps["rsgi"], rps["nginx"])),
                     " / ".join(fmt_ms(p50[s]) for s in SERVERS),
                     " / ".join(fmt_ms(p99[s]) for s in SERVERS),
-                    fmt_ratio(div(p99["service"], p99["baseline"])),
+                    " / ".join(fmt_ratio(div(p99["service"], p99[s])) for s in FLOORS),
                     " / ".join(f"{errors[s]:g}" for s in SERVERS),
                 ]
             )
-    columns = ["scenario", "body B", "conns", "req/s svc", "req/s base", "req/s nginx", "svc÷base"]
-    columns += ["svc÷nginx", "p50 ms svc / base / nginx", "p99 ms svc / base / nginx", "p99 svc÷base"]
-    return table([*columns, "errors svc / base / nginx"], rows, "lrrrrrrrllrl")
+    every, floors = " / ".join(TITLES[s] for s in SERVERS), " / ".join(TITLES[s] for s in FLOORS)
+    columns = ["scenario", "body B", "conns", *(f"req/s {TITLES[s]}" for s in SERVERS)]
+    columns += [*(f"svc÷{TITLES[s]}" for s in FLOORS), "RSGI÷nginx"]
+    columns += [f"p50 ms {every}", f"p99 ms {every}", f"p99 svc÷ {floors}", f"errors {every}"]
+    return table(columns, rows, "lrr" + "r" * (len(SERVERS) + len(FLOORS) + 1) + "llll")
 
 
 def _scale_table(reports: list[SizeReport], opts: Options) -> list[str]:
@@ -174,7 +184,7 @@ def _scale_table(reports: list[SizeReport], opts: Options) -> list[str]:
         for connections in opts.connections:
             rps = rps_of(r, connections, "service")
             ratio = div(rps, rps_of(reference, connections, "service"))
-            base_ratio = div(rps_of(r, connections, "baseline"), rps_of(reference, connections, "baseline"))
+            drifts = [div(rps_of(r, connections, s), rps_of(reference, connections, s)) for s in FLOORS]
             p99 = median([x.p99_ms for x in r.of("filtered", connections, "service")])
             rows.append(
                 [
@@ -182,7 +192,7 @@ def _scale_table(reports: list[SizeReport], opts: Options) -> list[str]:
                     connections,
                     fmt_rps(rps),
                     fmt_ratio(ratio),
-                    fmt_ratio(div(ratio, base_ratio)),
+                    *(fmt_ratio(div(ratio, drift)) for drift in drifts),
                     fmt_ms(p99),
                 ]
             )
@@ -191,10 +201,14 @@ def _scale_table(reports: list[SizeReport], opts: Options) -> list[str]:
         f"## Scale check: filtered list req/s (service) relative to N = {reference.n:,}",
         "",
         "The answer is the same at every N. `ratio` compares raw req/s, which also moves with the"
-        " machine's load between the N phases; `ratio ÷ baseline ratio` divides out the baseline's"
-        " drift over the same phases (it is (svc÷base at N) ÷ (svc÷base at the reference)).",
+        " machine's load between the N phases; `ratio ÷ X ratio` divides out floor X's drift over the"
+        " same phases (it is (svc÷X at N) ÷ (svc÷X at the reference)).",
         "",
-        *table(["N", "conns", "req/s", "ratio", "ratio ÷ baseline ratio", "p99 ms"], rows, "rrrrrr"),
+        *table(
+            ["N", "conns", "req/s", "ratio", *(f"ratio ÷ {TITLES[s]} ratio" for s in FLOORS), "p99 ms"],
+            rows,
+            "r" * (len(FLOORS) + 5),
+        ),
     ]
 
 
@@ -215,11 +229,13 @@ def render_report(reports: list[SizeReport], opts: Options, cores: Cores, versio
         "",
         f"- store: {opts.store}; rounds: {opts.rounds}; wrk runs of {opts.duration}s, `-t1`,"
         f" connections {', '.join(map(str, opts.connections))}; medians over rounds (servers alternated)",
-        f"- {versions.get('source', 'src at ?')}; service configuration: {harness.service_config()}",
+        f"- {versions.get('source', 'src at ?')}; service configuration:"
+        f" {harness.service_config(opts.service_env)}",
         f"- {cores.description}; {versions.get('granian', '?')}, loop {versions.get('loop', '?')};"
         f" {versions.get('wrk', '?')}; {versions.get('nginx', '?')}",
-        "- baseline: raw ASGI app on the same Granian setup returning the service's precomputed bytes;"
-        " nginx: one worker, the same bytes as static files (304 via `return 304`)",
+        "- floors: raw ASGI and raw RSGI apps (bench/baseline_app.py) on the service's Granian setup"
+        " returning its precomputed bytes, differing only in the interface; nginx: one worker, the same"
+        " bytes as static files (304 via `return 304`)",
         "",
         "## Import, start-up and memory",
         "",
@@ -243,7 +259,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: N=1000, 2 s, 1 round, 64 connections"
     )
+    parser.add_argument(
+        "--service-env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="put KEY=VALUE in the service's environment only (repeatable), e.g. CE_SERVER_INTERFACE=rsgi",
+    )
     args = parser.parse_args(argv)
+    args.service_env = dict(args.service_env)
+    if set(args.service_env) & SET_BY_BENCH:
+        parser.error(f"--service-env cannot set {', '.join(sorted(SET_BY_BENCH))}: the harness sets them")
     if args.quick:
         args.sizes, args.duration, args.rounds, args.connections = [1000], 2, 1, [64]
     if args.duration < 1 or args.rounds < 1:
@@ -251,6 +278,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     if any(n <= N_PUBLIC for n in args.sizes):
         parser.error(f"every size must exceed the {N_PUBLIC} fixed Public images")
     return Options(**vars(args))
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    """argparse type: ``KEY=VALUE`` (the value may be empty, the key not)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or not key.replace("_", "a").isalnum():
+        raise argparse.ArgumentTypeError(f"KEY=VALUE with a key of letters, digits and _, got {text!r}")
+    return key, value
 
 
 def _log_size(n: int, report: SizeReport) -> None:
