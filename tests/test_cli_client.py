@@ -20,11 +20,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import click
 import httpx
 import pytest
 import yaml
 from click.testing import CliRunner, Result
 
+from cluster_engine.cli import exits
 from cluster_engine.cli import images as client_cli
 from cluster_engine.cli.main import main
 from cluster_engine.client import _sync
@@ -195,12 +197,17 @@ def test_get_by_id_or_unique_prefix(reader: Cli) -> None:
 
 def test_get_errors_and_their_exit_codes(reader: Cli) -> None:
     missing = reader("images", "get", str(uuid.uuid4()))
-    assert (missing.exit_code, missing.stderr) == (5, "error: image not found (HTTP 404)\n")
-    assert reader("images", "get", "abcdef").exit_code == 5  # no id starts with it
+    assert (missing.exit_code, missing.stderr) == (
+        exits.NOT_FOUND.code,
+        "error: image not found (HTTP 404)\n",
+    )
+    assert reader("images", "get", "abcdef").exit_code == exits.NOT_FOUND.code  # no id starts with it
     ambiguous = reader("images", "get", "1111")
-    assert ambiguous.exit_code == 2 and IDS[0] in ambiguous.stderr and IDS[1] in ambiguous.stderr
+    assert (
+        ambiguous.exit_code == exits.USAGE.code and IDS[0] in ambiguous.stderr and IDS[1] in ambiguous.stderr
+    )
     invalid = reader("images", "get", "not-an-id")
-    assert invalid.exit_code == 3
+    assert invalid.exit_code == exits.INVALID.code
     assert invalid.stderr.splitlines() == [
         "error: Invalid request parameters. (HTTP 400)",
         "  id: Must be a UUID. (got 'not-an-id')",
@@ -351,7 +358,9 @@ def test_url_and_token_options_before_or_after_the_command(live: LiveServer) -> 
 
 def test_unavailable_server_exits_7(reader: Cli, no_sleep: None, monkeypatch: pytest.MonkeyPatch) -> None:
     closed = reader("images", "list", CE_URL=f"http://127.0.0.1:{free_port()}")
-    assert closed.exit_code == 7 and closed.stderr.startswith("error: GET http://127.0.0.1:")
+    assert closed.exit_code == exits.UNAVAILABLE.code and closed.stderr.startswith(
+        "error: GET http://127.0.0.1:"
+    )
     assert "connection failed" in closed.stderr
 
     def answer_503(request: httpx.Request) -> httpx.Response:
@@ -384,11 +393,22 @@ def test_off_a_terminal_waits_are_silent(reader: Cli, no_sleep: None) -> None:
 
 
 def test_help_documents_exit_codes_and_completion(reader: Cli) -> None:
+    """Both help pages show the whole table, one row a line: code, name, meaning."""
+    for text in (reader("images", "--help").stdout, reader("--help").stdout):
+        rows = text[text.index("Exit codes:") :].splitlines()[1 : len(exits.EXIT_CODES) + 1]
+        assert [row.split(maxsplit=2) for row in rows] == [
+            [str(exit.code), exit.name, exit.meaning] for exit in exits.EXIT_CODES
+        ]
+    assert [exit.code for exit in exits.EXIT_CODES] == list(range(len(exits.EXIT_CODES)))
+    assert len({exit.name for exit in exits.EXIT_CODES}) == len(exits.EXIT_CODES)
     text = reader("images", "--help").stdout
-    for line in ("0  ok", "3  invalid request (HTTP 400)", "5  not found (HTTP 404)", "7  unavailable"):
-        assert line in text
     assert "_CLUSTER_ENGINE_COMPLETE=bash_source cluster-engine" in text
     assert "images" in reader("--help").stdout
+
+
+def test_clicks_own_exit_codes_are_the_tables() -> None:
+    assert click.ClickException.exit_code == exits.ERROR.code  # also Abort (a declined confirmation)
+    assert click.UsageError.exit_code == exits.USAGE.code
 
 
 def test_installed_script_exit_codes_and_id_completion(live: LiveServer) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import pytest
 
-from cluster_engine.cli import config_docs
+from cluster_engine.cli import config_docs, exits
 from cluster_engine.server.config import SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +26,11 @@ def test_every_setting_is_documented_in_the_page() -> None:
     for setting in SETTINGS:
         assert f"`{setting.env}`" in page
         assert setting.help
+
+
+def test_the_readme_gives_the_clis_exit_codes_from_its_table() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert exits.sentence() in " ".join(readme.split()), "README's exit codes differ from cli/exits.py"
 
 
 def test_readme_starts_with_the_two_setup_commands() -> None:

@@ -45,7 +45,7 @@ from cluster_engine.client import (
     _sync,
     errors,
 )
-from cluster_engine.client._base import parse_retry_after
+from cluster_engine.client._responses import parse_retry_after
 from cluster_engine.testing import LiveServer, free_port, image_body
 
 WRITE, ADMIN = "images:write", "images:admin"

@@ -232,42 +232,28 @@ def test_string_fields_reject_other_types(name: str, value: Any) -> None:
     assert details[0].argument == "string"
 
 
+# field, the rule each value breaks, the values
+VIOLATIONS: list[tuple[str, str, list[Any]]] = [
+    ("idc", "pattern", ["us west", "", "us-west-1\n"]),
+    ("idc", "max", ["a" * 51]),
+    ("name", "pattern", ["-leading", "trailing ", "trailing.", "", "a/b", "ok\n"]),
+    ("name", "max", ["a" * 256]),
+    ("orgId", "uuid", ["not-a-uuid", "", ORG.replace("-", ""), "{" + ORG + "}"]),
+    ("BootMode", "oneof", ["uefi", "BIOS", ""]),
+    ("icon", "uri", ["not a uri", "static.example.com/ubuntu.svg", "/relative/path.svg", ""]),
+    ("icon", "uri", ["https://example.com/a b.svg", "https://example.com/\n"]),
+    ("supportedProducts", "type", ["gpu.h100.8x", {"a": 1}]),
+    ("DefaultPartitionTable", "min", [[]]),
+    ("DefaultPartitionTable", "type", [{"name": "root"}, "root"]),
+]
+
+
 @pytest.mark.parametrize(
-    ("changes", "expected"),
-    [
-        ({"idc": "us west"}, ("idc", "pattern")),
-        ({"idc": ""}, ("idc", "pattern")),
-        ({"idc": "us-west-1\n"}, ("idc", "pattern")),
-        ({"idc": "a" * 51}, ("idc", "max")),
-        ({"name": "-leading"}, ("name", "pattern")),
-        ({"name": "trailing "}, ("name", "pattern")),
-        ({"name": "trailing."}, ("name", "pattern")),
-        ({"name": ""}, ("name", "pattern")),
-        ({"name": "a/b"}, ("name", "pattern")),
-        ({"name": "ok\n"}, ("name", "pattern")),
-        ({"name": "a" * 256}, ("name", "max")),
-        ({"orgId": "not-a-uuid"}, ("orgId", "uuid")),
-        ({"orgId": ""}, ("orgId", "uuid")),
-        ({"orgId": ORG.replace("-", "")}, ("orgId", "uuid")),
-        ({"orgId": "{" + ORG + "}"}, ("orgId", "uuid")),
-        ({"BootMode": "uefi"}, ("BootMode", "oneof")),
-        ({"BootMode": "BIOS"}, ("BootMode", "oneof")),
-        ({"BootMode": ""}, ("BootMode", "oneof")),
-        ({"icon": "not a uri"}, ("icon", "uri")),
-        ({"icon": "static.example.com/ubuntu.svg"}, ("icon", "uri")),
-        ({"icon": "/relative/path.svg"}, ("icon", "uri")),
-        ({"icon": ""}, ("icon", "uri")),
-        ({"icon": "https://example.com/a b.svg"}, ("icon", "uri")),
-        ({"icon": "https://example.com/\n"}, ("icon", "uri")),
-        ({"supportedProducts": "gpu.h100.8x"}, ("supportedProducts", "type")),
-        ({"supportedProducts": {"a": 1}}, ("supportedProducts", "type")),
-        ({"DefaultPartitionTable": []}, ("DefaultPartitionTable", "min")),
-        ({"DefaultPartitionTable": {"name": "root"}}, ("DefaultPartitionTable", "type")),
-        ({"DefaultPartitionTable": "root"}, ("DefaultPartitionTable", "type")),
-    ],
+    ("field", "value", "rule"),
+    [(field, value, rule) for field, rule, values in VIOLATIONS for value in values],
 )
-def test_constraint_violations(changes: dict[str, Any], expected: tuple[str, str]) -> None:
-    assert pairs(problems(body(**changes))) == [expected]
+def test_constraint_violations(field: str, value: Any, rule: str) -> None:
+    assert pairs(problems(body(**{field: value}))) == [(field, rule)]
 
 
 @pytest.mark.parametrize(

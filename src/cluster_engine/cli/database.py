@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
+from . import exits
 from .main import _redact, _settings, _with_store, main, needs_server
 
 # The server stack (SQLAlchemy, JWT, the store) is imported inside the commands that use it, so that
@@ -95,12 +96,13 @@ def import_(file: Any, dry_run: bool, prune: bool, output: str) -> None:
     except catalog_files.CatalogFileError as exc:
         raise click.ClickException(str(exc)) from None
     except Invalid as exc:
-        for item in exc.details:
-            click.echo(f"{file.name}: {item.field}: {item.reason} (got {item.originalValue!r})", err=True)
+        lines = [
+            f"{file.name}: {item.field}: {item.reason} (got {item.originalValue!r})" for item in exc.details
+        ]
         omitted = getattr(exc, "omitted", 0)
         if omitted:
-            click.echo(f"{file.name}: … and {omitted:,} more problems", err=True)
-        raise SystemExit(3) from None
+            lines.append(f"{file.name}: … and {omitted:,} more problems")
+        raise exits.Failure(exits.INVALID, *lines) from None
     except (ApiError, StoreError) as exc:
         raise click.ClickException(str(exc)) from None
     summary = report.summary()

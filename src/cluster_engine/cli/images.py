@@ -2,7 +2,8 @@
 
 Built on the SDK (``cluster_engine.client``); ``cli/main.py`` registers the ``images`` group. Output is a
 table on a terminal and JSON otherwise (``-o`` overrides); errors are one ``error: …`` line on stderr and
-an exit code per kind of failure (``EXIT_CODES``), so scripts can branch on them.
+an exit code per kind of failure (the table in ``exits.py``; ``SDK_EXITS`` below for the SDK's errors),
+so scripts can branch on them.
 """
 
 from __future__ import annotations
@@ -35,42 +36,32 @@ from ..client import (
     TransportError,
     ValidationError,
 )
+from . import exits
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_ERROR, EXIT_USAGE, EXIT_VALIDATION, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE = range(
-    1, 8
-)
-EXIT_CODES: tuple[tuple[type[ClusterEngineError], int], ...] = (
-    (ValidationError, EXIT_VALIDATION),
-    (AuthError, EXIT_AUTH),
-    (Forbidden, EXIT_AUTH),
-    (NotFound, EXIT_NOT_FOUND),
-    (Conflict, EXIT_CONFLICT),
-    (ServiceUnavailable, EXIT_UNAVAILABLE),
-    (TransportError, EXIT_UNAVAILABLE),
+# the table's row for each SDK error (the first that matches; any other is exits.ERROR)
+SDK_EXITS: tuple[tuple[type[ClusterEngineError], exits.ExitCode], ...] = (
+    (ValidationError, exits.INVALID),
+    (AuthError, exits.AUTH),
+    (Forbidden, exits.AUTH),
+    (NotFound, exits.NOT_FOUND),
+    (Conflict, exits.CONFLICT),
+    (ServiceUnavailable, exits.UNAVAILABLE),
+    (TransportError, exits.UNAVAILABLE),
 )
 FORMATS = ("table", "json", "yaml", "id")
 _URL, _TOKEN = "cluster_engine.url", "cluster_engine.token"
 _ID_PREFIX = re.compile(r"[0-9a-fA-F-]{1,35}")
 
-HELP = """Manage images through a running server's API.
+HELP = f"""Manage images through a running server's API.
 
 \b
 Connect with --url (or $CE_URL) and --token (or $CE_TOKEN), given before
 or after the command. Output (-o): a table on a terminal, JSON otherwise;
 also yaml, or id (one id per line). IDs may be shortened to a unique prefix.
 
-\b
-Exit codes:
-  0  ok
-  1  other error
-  2  usage error
-  3  invalid request (HTTP 400)
-  4  not authenticated or not allowed (HTTP 401, 403)
-  5  not found (HTTP 404)
-  6  conflict (HTTP 409)
-  7  unavailable (HTTP 503, connection failure, timeout)
+{exits.help_text()}
 
 \b
 Shell completion (bash; zsh_source and fish_source likewise):
@@ -117,13 +108,13 @@ def _output_option(command: F) -> F:
 def _client(ctx: click.Context, **options: Any) -> Client:
     url = ctx.meta.get(_URL)
     if not url:
-        fail("no server URL: pass --url or set CE_URL", EXIT_USAGE)
+        fail("no server URL: pass --url or set CE_URL", exits.USAGE)
     try:
         if _on_a_terminal() and "retries" not in options:  # a person waits: say why it is slow
             options["retries"] = Retry(on_retry=_say_retrying)
         return Client(url, ctx.meta.get(_TOKEN), **options)
     except ValueError as exc:
-        fail(str(exc), EXIT_USAGE)
+        fail(str(exc), exits.USAGE)
 
 
 def _on_a_terminal() -> bool:
@@ -135,19 +126,19 @@ def _say_retrying(delay: float, why: str) -> None:
     click.echo(f"{reason}; retrying in {delay:.1f} s…", err=True)
 
 
-def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    """End this invocation with one ``error: …`` line on stderr and ``code``."""
-    click.echo(f"error: {message}", err=True)
-    click.get_current_context().exit(code)
+def fail(message: str, exit: exits.ExitCode = exits.ERROR) -> NoReturn:
+    """End this invocation with one ``error: …`` line on stderr and the table's code ``exit``."""
+    raise exits.Failure(exit, f"error: {message}")
 
 
-def exit_code(error: ClusterEngineError) -> int:
-    return next((code for kind, code in EXIT_CODES if isinstance(error, kind)), EXIT_ERROR)
+def exit_of(error: ClusterEngineError) -> exits.ExitCode:
+    return next((exit for kind, exit in SDK_EXITS if isinstance(error, kind)), exits.ERROR)
 
 
 @contextlib.contextmanager
 def _api() -> Iterator[Client]:
-    """A client for this invocation; SDK errors become one stderr line and their exit code."""
+    """A client for this invocation; an SDK error becomes a ``Failure``: one stderr line (then one per
+    invalid field) and its row of the table."""
     ctx = click.get_current_context()
     try:
         with _client(ctx) as client:
@@ -157,11 +148,12 @@ def _api() -> Iterator[Client]:
         message = error.message
         if isinstance(error, AuthError) and not ctx.meta.get(_TOKEN):
             message = "no token: pass --token or set CE_TOKEN"
-        click.echo(f"error: {message}{status}", err=True)
-        if isinstance(error, ValidationError):
-            for detail in error.details:
-                click.echo(f"  {detail.field}: {detail.reason} (got {detail.originalValue!r})", err=True)
-        ctx.exit(exit_code(error))
+        details = error.details if isinstance(error, ValidationError) else []
+        raise exits.Failure(
+            exit_of(error),
+            f"error: {message}{status}",
+            *(f"  {detail.field}: {detail.reason} (got {detail.originalValue!r})" for detail in details),
+        ) from None
 
 
 def _resolve(client: Client, value: str) -> str:
@@ -175,7 +167,7 @@ def _resolve(client: Client, value: str) -> str:
     if not matches:
         raise NotFound(f"no image id starts with {value!r}", status=None)
     if len(matches) > 1:
-        fail(f"id prefix {value!r} is ambiguous: {', '.join(matches)}", EXIT_USAGE)
+        fail(f"id prefix {value!r} is ambiguous: {', '.join(matches)}", exits.USAGE)
     return matches[0]
 
 
@@ -336,7 +328,7 @@ def create(file: Any, image_type: str | None, output: str | None) -> None:
 def delete(image_id: str, yes: bool) -> None:
     """Delete an image (asks first, unless --yes)."""
     if not yes and not _stdin_is_terminal():
-        fail("refusing to delete without --yes: stdin is not a terminal", EXIT_USAGE)
+        fail("refusing to delete without --yes: stdin is not a terminal", exits.USAGE)
     with _api() as client:
         image_id = _resolve(client, image_id)
         if not yes:

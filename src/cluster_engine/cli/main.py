@@ -21,6 +21,7 @@ import yaml
 from ..extras import server_hint
 from ..server import logformat
 from ..server.config import ConfigError, Settings, load_settings
+from . import exits
 
 if TYPE_CHECKING:
     from ..storage.store import Store
@@ -95,10 +96,18 @@ _LAZY_COMMANDS = {"images": "cluster_engine.cli.images"}  # command name -> modu
 
 class _Main(click.Group):
     """The top-level group; ``images`` (the client CLI, which imports httpx) is imported only when used,
-    so that ``--version`` and the server commands do not pay for it."""
+    so that ``--version`` and the server commands do not pay for it. A command's ``exits.Failure`` ends
+    here: its lines on stderr, its code as the exit status."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *_LAZY_COMMANDS])
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except exits.Failure as failure:
+            failure.show()
+            ctx.exit(failure.exit.code)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in _LAZY_COMMANDS:
@@ -109,7 +118,7 @@ class _Main(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
-@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]}, epilog=exits.help_text())
 @click.version_option(package_name="cluster-engine", prog_name="cluster-engine")
 def main() -> None:
     """cluster-engine: the Cluster Engine Images API, self-hosted."""

@@ -10,39 +10,20 @@ from typing import Any, TypeVar
 import httpx
 
 from ..schemas import ImageCreateReq, ImageResp
-from ._base import (
-    DEFAULT_PAGE_SIZE,
-    DEFAULT_TIMEOUT,
-    BaseClient,
-    Call,
-    ImageId,
-    Retry,
-    TypeName,
-    transport_error,
-)
+from ._base import DEFAULT_PAGE_SIZE, BaseClient, Call, ImageId, TypeName
 
 T = TypeVar("T")
 
 
-class AsyncClient(BaseClient):
+class AsyncClient(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
     """The Images API for asyncio: the same methods and options as ``Client``, awaited.
 
     ``iter_images`` is an async iterator (``async for image in client.iter_images(...)``). Use it as an
     async context manager, or ``await client.aclose()``.
     """
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        token: str | None = None,
-        *,
-        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
-        retries: int | Retry = 3,
-        cache: bool = False,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        super().__init__(base_url, token, timeout=timeout, retries=retries, cache=cache)
-        self._http = httpx.AsyncClient(
+    def _open(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
             base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
         )
 
@@ -84,22 +65,16 @@ class AsyncClient(BaseClient):
     # ----------------------------------------------------------------------------------- plumbing
 
     async def _send(self, call: Call[T]) -> T:
-        attempt = 0
+        attempts = self._attempts(call)
         while True:
-            request = self._request(self._http, call)
             try:
-                response = await self._http.send(request)
+                response = await self._http.send(attempts.request)
             except httpx.TransportError as exc:
-                delay = self._retry_delay(call, attempt, error=exc)
-                if delay is None:
-                    raise transport_error(exc) from exc
+                attempts.failed(exc)
             else:
-                delay = self._retry_delay(call, attempt, response=response)
-                if delay is None:
-                    return self._finish(call, request, response)
-                await response.aclose()
-            await asyncio.sleep(delay)
-            attempt += 1
+                if not attempts.retries(response):
+                    return attempts.value(response)
+            await asyncio.sleep(attempts.delay)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -1,17 +1,14 @@
-"""What the sync and async clients share: configuration, request building, retry decisions, the
-conditional-GET cache, and turning responses into values or errors. No I/O happens here, so
-``_sync.py`` and ``_async.py`` are only the send-and-sleep loop.
+"""What the sync and async clients share: the constructor and configuration, request building, retry
+decisions (``Attempts``), and (through ``_responses``) turning responses into values or errors. No I/O
+happens here, so ``_sync.py`` and ``_async.py`` are only the methods' signatures and the send-and-wait loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import email.utils
 import os
 import random
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import Any, Generic, Literal, TypeVar
@@ -20,21 +17,22 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from ..schemas import Error, ErrorStatusMessage, ImageCreateReq, ImageResp, ImageType
-from .errors import (
-    AuthError,
-    ClusterEngineError,
-    Conflict,
-    Forbidden,
-    NotFound,
-    PayloadTooLarge,
-    ServerError,
-    ServiceUnavailable,
-    TransportError,
-    ValidationError,
+from ..schemas import ImageCreateReq, ImageResp, ImageType
+from . import errors
+from ._responses import (
+    ConditionalCache,
+    Page,
+    error_for,
+    parse_retry_after,
+    read_image,
+    read_images,
+    read_nothing,
+    read_page,
 )
 
 T = TypeVar("T")
+HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
+TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_PAGE_SIZE = 100
@@ -43,23 +41,9 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRYABLE_TRANSPORT_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 # httpcore's words when a (pooled) connection is closed by the server before any byte of a response
 CLOSED_BEFORE_RESPONSE = "Server disconnected without sending a response"
-CACHE_ENTRIES = 512
 
 ImageId = uuid.UUID | str
 TypeName = ImageType | Literal["Public", "Customized"]
-
-_image = msgspec.json.Decoder(ImageResp)
-_images = msgspec.json.Decoder(list[ImageResp])
-_status_message = msgspec.json.Decoder(ErrorStatusMessage)
-_error = msgspec.json.Decoder(Error)
-_ERRORS: dict[int, type[ClusterEngineError]] = {
-    400: ValidationError,
-    401: AuthError,
-    403: Forbidden,
-    404: NotFound,
-    409: Conflict,
-    413: PayloadTooLarge,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,63 +95,12 @@ class Call(Generic[T]):
         return self.method in IDEMPOTENT_METHODS
 
 
-@dataclasses.dataclass(frozen=True)
-class Page:
-    """One page of ``GET /v1/images`` and the URL of the next one (from its ``Link`` header)."""
-
-    images: list[ImageResp]
-    next_url: str | None
-
-
-def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
-    """``Retry-After`` as seconds: either delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - (now or dt.datetime.now(dt.UTC))).total_seconds())
-
-
-def error_for(response: httpx.Response) -> ClusterEngineError:
-    """The SDK error for an unsuccessful response, with the contract body decoded onto it."""
-    status = response.status_code
-    body: ErrorStatusMessage | Error | None
-    try:
-        body = (
-            _status_message.decode(response.content)
-            if status in (400, 401)
-            else _error.decode(response.content)
-        )
-    except msgspec.DecodeError:
-        body = None
-    if isinstance(body, ErrorStatusMessage) and body.message:
-        message = body.message
-    elif isinstance(body, Error):
-        message = body.reason
-    else:
-        message = f"HTTP {status} {response.reason_phrase}".strip()
-    if status == 503:
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        return ServiceUnavailable(message, body=body, response=response, retry_after=retry_after)
-    kind = _ERRORS.get(status, ServerError if status >= 500 else ClusterEngineError)
-    if kind in (ValidationError, AuthError) and not isinstance(body, ErrorStatusMessage):
-        body = None
-    return kind(message, status=status, body=body, response=response)
-
-
 def closed_before_response(error: httpx.TransportError) -> bool:
     """The server closed the connection before sending any byte of a response."""
     return isinstance(error, httpx.RemoteProtocolError) and str(error).startswith(CLOSED_BEFORE_RESPONSE)
 
 
-def transport_error(exc: httpx.TransportError) -> TransportError:
+def transport_error(exc: httpx.TransportError) -> errors.TransportError:
     try:
         where = f"{exc.request.method} {exc.request.url}: "
         idempotent = exc.request.method in IDEMPOTENT_METHODS
@@ -177,35 +110,7 @@ def transport_error(exc: httpx.TransportError) -> TransportError:
     detail = str(exc) or type(exc).__name__
     if not idempotent:
         detail += " (not retried: the server may have applied it; check before sending it again)"
-    return TransportError(f"{where}{what}: {detail}")
-
-
-def _decoded(decoder: msgspec.json.Decoder[T], response: httpx.Response) -> T:
-    try:
-        return decoder.decode(response.content)
-    except msgspec.DecodeError as exc:
-        raise ClusterEngineError(
-            f"unexpected response body from {response.request.method} {response.request.url}: {exc}",
-            status=response.status_code,
-            response=response,
-        ) from None
-
-
-def read_image(response: httpx.Response) -> ImageResp:
-    return _decoded(_image, response)
-
-
-def read_images(response: httpx.Response) -> list[ImageResp]:
-    return _decoded(_images, response)
-
-
-def read_page(response: httpx.Response) -> Page:
-    following = response.links.get("next", {}).get("url")
-    return Page(_decoded(_images, response), following or None)
-
-
-def read_nothing(_response: httpx.Response) -> None:
-    return None
+    return errors.TransportError(f"{where}{what}: {detail}")
 
 
 def _item(image_id: ImageId) -> str:
@@ -230,44 +135,19 @@ def _version() -> str:
         return "0"
 
 
-class ConditionalCache:
-    """ETag and body of the last 200 per URL (bounded, least recently used out), for ``If-None-Match``."""
-
-    def __init__(self, size: int = CACHE_ENTRIES) -> None:
-        self.size = size
-        self._entries: OrderedDict[str, tuple[str, httpx.Response]] = OrderedDict()
-
-    def etag(self, url: str) -> str | None:
-        entry = self._entries.get(url)
-        return entry[0] if entry else None
-
-    def store(self, url: str, response: httpx.Response) -> None:
-        etag = response.headers.get("ETag")
-        if etag:
-            self._entries[url] = (etag, response)
-            self._entries.move_to_end(url)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-
-    def replay(self, url: str) -> httpx.Response | None:
-        entry = self._entries.get(url)
-        if entry is None:
-            return None
-        self._entries.move_to_end(url)
-        return entry[1]
-
-
-class BaseClient:
-    """Configuration and every decision that does not need I/O; subclasses own the httpx client."""
+class BaseClient(Generic[HttpT, TransportT]):
+    """Configuration and every decision that does not need I/O; subclasses open the httpx client
+    (``_open``) and run the send-and-wait loop around ``Attempts``."""
 
     def __init__(
         self,
-        base_url: str | None,
-        token: str | None,
+        base_url: str | None = None,
+        token: str | None = None,
         *,
-        timeout: float | httpx.Timeout,
-        retries: int | Retry,
-        cache: bool,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        retries: int | Retry = 3,
+        cache: bool = False,
+        transport: TransportT | None = None,
     ) -> None:
         base_url = base_url if base_url is not None else os.environ.get("CE_URL")
         token = token if token is not None else os.environ.get("CE_TOKEN")
@@ -286,6 +166,11 @@ class BaseClient:
         if token:
             self.headers["Authorization"] = f"Bearer {token}"
         self.cache = ConditionalCache() if cache else None
+        self._http: HttpT = self._open(transport)
+
+    def _open(self, transport: TransportT | None) -> HttpT:
+        """The httpx client (sync or async) for ``base_url``, ``headers`` and ``timeout``."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
@@ -333,9 +218,12 @@ class BaseClient:
 
     # --------------------------------------------------------------------------- send and receive
 
-    def _request(self, http: httpx.Client | httpx.AsyncClient, call: Call[Any]) -> httpx.Request:
+    def _attempts(self, call: Call[T]) -> Attempts[T]:
+        return Attempts(self, call)
+
+    def _request(self, call: Call[Any]) -> httpx.Request:
         headers = {"Content-Type": call.content_type} if call.content_type else None
-        request = http.build_request(
+        request = self._http.build_request(
             call.method, call.url, params=call.params, content=call.content, headers=headers
         )
         if self.cache is not None and call.method == "GET":
@@ -386,3 +274,43 @@ class BaseClient:
         if self.cache is not None and call.method == "GET":
             self.cache.store(url, response)
         return call.parse(response)
+
+
+class Attempts(Generic[T]):
+    """One call through its retries, without I/O. The clients' loops send ``request``, hand a transport
+    failure to ``failed`` and a response to ``retries``, and while the call goes on wait ``delay`` seconds.
+
+    A response is read and closed by the time ``send`` returns it (no streaming), so one that is retried
+    needs no closing.
+    """
+
+    def __init__(self, client: BaseClient[Any, Any], call: Call[T]) -> None:
+        self.client = client
+        self.call = call
+        self.attempt = 0
+        self.delay = 0.0
+        self.request = client._request(call)
+
+    def failed(self, error: httpx.TransportError) -> None:
+        """Plan the next attempt after a connection failure or timeout, or raise ``TransportError``."""
+        delay = self.client._retry_delay(self.call, self.attempt, error=error)
+        if delay is None:
+            raise transport_error(error) from error
+        self._again(delay)
+
+    def retries(self, response: httpx.Response) -> bool:
+        """Whether the call goes on after ``response`` (then the next attempt is planned)."""
+        delay = self.client._retry_delay(self.call, self.attempt, response=response)
+        if delay is None:
+            return False
+        self._again(delay)
+        return True
+
+    def value(self, response: httpx.Response) -> T:
+        """The final response's value, or the SDK error it stands for (raised)."""
+        return self.client._finish(self.call, self.request, response)
+
+    def _again(self, delay: float) -> None:
+        self.attempt += 1
+        self.delay = delay
+        self.request = self.client._request(self.call)

@@ -10,21 +10,12 @@ from typing import Any, TypeVar
 import httpx
 
 from ..schemas import ImageCreateReq, ImageResp
-from ._base import (
-    DEFAULT_PAGE_SIZE,
-    DEFAULT_TIMEOUT,
-    BaseClient,
-    Call,
-    ImageId,
-    Retry,
-    TypeName,
-    transport_error,
-)
+from ._base import DEFAULT_PAGE_SIZE, BaseClient, Call, ImageId, TypeName
 
 T = TypeVar("T")
 
 
-class Client(BaseClient):
+class Client(BaseClient[httpx.Client, httpx.BaseTransport]):
     """The Images API, synchronously.
 
     ``base_url`` and ``token`` default to ``$CE_URL`` and ``$CE_TOKEN`` (read only when the argument is
@@ -34,18 +25,8 @@ class Client(BaseClient):
     or call ``close()``.
     """
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        token: str | None = None,
-        *,
-        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
-        retries: int | Retry = 3,
-        cache: bool = False,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        super().__init__(base_url, token, timeout=timeout, retries=retries, cache=cache)
-        self._http = httpx.Client(
+    def _open(self, transport: httpx.BaseTransport | None) -> httpx.Client:
+        return httpx.Client(
             base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
         )
 
@@ -93,22 +74,16 @@ class Client(BaseClient):
     # ----------------------------------------------------------------------------------- plumbing
 
     def _send(self, call: Call[T]) -> T:
-        attempt = 0
+        attempts = self._attempts(call)
         while True:
-            request = self._request(self._http, call)
             try:
-                response = self._http.send(request)
+                response = self._http.send(attempts.request)
             except httpx.TransportError as exc:
-                delay = self._retry_delay(call, attempt, error=exc)
-                if delay is None:
-                    raise transport_error(exc) from exc
+                attempts.failed(exc)
             else:
-                delay = self._retry_delay(call, attempt, response=response)
-                if delay is None:
-                    return self._finish(call, request, response)
-                response.close()
-            time.sleep(delay)
-            attempt += 1
+                if not attempts.retries(response):
+                    return attempts.value(response)
+            time.sleep(attempts.delay)
 
     def close(self) -> None:
         self._http.close()

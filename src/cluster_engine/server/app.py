@@ -40,9 +40,9 @@ from .auth import Verifier
 from .bodydeadline import BodyDeadline
 from .config import Settings
 from .cors import with_cors
-from .errors import ApiError, MethodNotAllowed, NotFound, Unavailable, of_storage
+from .errors import ApiError, MethodNotAllowed, NoSuchResource, Unavailable, of_storage
 from .keepalive import KeepAliveGuard
-from .observability import AccessLog, Metrics, Observability, Observer
+from .observability import AccessLog, BookkeepingMiddleware, Metrics, RequestBookkeeper
 from .prefix import Rejoin
 from .ratelimit import Buckets, Rate, RateLimit
 from .readmodel import Catalog
@@ -80,7 +80,7 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
         response.headers["Allow"] = _allowed_methods(request)
         return response
     if exc.status_code == 404:
-        return error_response(NotFound("not found"))
+        return error_response(NoSuchResource("not found"))
     return error_response(ApiError(exc.detail if exc.status_code < 500 else ""))
 
 
@@ -134,10 +134,12 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-async def _report_state(catalog: Catalog, store: Store, metrics: Metrics, observer: Observer) -> None:
+async def _report_state(
+    catalog: Catalog, store: Store, metrics: Metrics, bookkeeper: RequestBookkeeper
+) -> None:
     """Keep the read-model, pool and in-flight gauges current (each worker reports its own)."""
     while True:
-        metrics.in_flight.set(observer.in_flight)
+        metrics.in_flight.set(bookkeeper.in_flight)
         held = catalog.held()
         for kind in ("Public", "Customized"):
             metrics.catalog_images.labels(kind).set(held[kind])
@@ -175,7 +177,7 @@ def create_app(settings: Settings) -> KeepAliveGuard:
         if settings.access_log
         else None
     )
-    observer = Observer(metrics, access_log, log_probes=settings.access_log_probes)
+    bookkeeper = RequestBookkeeper(metrics, access_log, log_probes=settings.access_log_probes)
     store = open_store(settings)
     catalog = Catalog(
         store,
@@ -209,7 +211,7 @@ def create_app(settings: Settings) -> KeepAliveGuard:
             gc.enable()
         tasks = [
             asyncio.create_task(catalog.poll_forever(settings.poll_interval), name="catalog-poller"),
-            asyncio.create_task(_report_state(catalog, store, metrics, observer), name="metrics-reporter"),
+            asyncio.create_task(_report_state(catalog, store, metrics, bookkeeper), name="metrics-reporter"),
         ]
         tasks.append(asyncio.create_task(metrics.flush_forever(), name="metrics-flusher"))
         if store.is_postgres and settings.db_listen:
@@ -258,10 +260,10 @@ def create_app(settings: Settings) -> KeepAliveGuard:
     app.state.verifier = verifier
     app.state.metrics = metrics
     served: Any = HotPath(
-        Observability(BodyDeadline(Rejoin(app), settings.body_timeout), observer),
+        BookkeepingMiddleware(BodyDeadline(Rejoin(app), settings.body_timeout), bookkeeper),
         list_images,
         get_image,
-        observer,
+        bookkeeper,
         settings.root_path,
     )
     if settings.rate_limit is not None:

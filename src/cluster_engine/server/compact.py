@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import zstandard
 
-log = logging.getLogger("cluster_engine.server.catalog")
+log = logging.getLogger(__name__)
 
 Sample = bytes | bytearray | memoryview  # what train_dictionary takes (only bytes are given)
 _OPEN_BRACE = 0x7B  # the first byte of every JSON object, and never of a zstd frame

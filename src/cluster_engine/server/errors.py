@@ -3,12 +3,12 @@
     ApiError                      status  body
      ├── RequestInvalid            400     errorStatusMessage{group: "request", validationDetail: […]}
      ├── Unauthenticated           401     errorStatusMessage{group: "auth_verify", code 0|1} + header
-     ├── Forbidden                 403     error{reason}
-     ├── NotFound                  404     error{reason}
+     ├── NotPermitted              403     error{reason}
+     ├── NoSuchResource            404     error{reason}
      ├── MethodNotAllowed          405     error{reason}
-     ├── Conflict                  409     error{reason}
+     ├── StateConflict             409     error{reason}
      ├── RequestTimeout            408     error{reason} + Connection: close
-     ├── PayloadTooLarge           413     error{reason}
+     ├── BodyTooLarge              413     error{reason}
      ├── TooManyRequests           429     error{reason} + Retry-After (CE_RATE_LIMIT)
      └── Unavailable               503     error{reason: "database is unavailable"} + Retry-After
 
@@ -87,11 +87,11 @@ class Unauthenticated(ApiError):
         }
 
 
-class Forbidden(ApiError):
+class NotPermitted(ApiError):
     status = 403
 
 
-class NotFound(ApiError):
+class NoSuchResource(ApiError):
     status = 404
 
 
@@ -99,7 +99,7 @@ class MethodNotAllowed(ApiError):
     status = 405
 
 
-class Conflict(ApiError):
+class StateConflict(ApiError):
     status = 409
 
 
@@ -112,7 +112,7 @@ class RequestTimeout(ApiError):
         return {"Connection": "close"}
 
 
-class PayloadTooLarge(ApiError):
+class BodyTooLarge(ApiError):
     status = 413
 
     def __init__(self, message: str, *, connection_reusable: bool = False) -> None:
@@ -158,7 +158,7 @@ def of_storage(error: StoreError | Invalid) -> ApiError:
     if isinstance(error, Invalid):
         return RequestInvalid(error.details, str(error))
     if isinstance(error, Duplicate):
-        return Conflict(str(error))
+        return StateConflict(str(error))
     if isinstance(error, ImageMissing):
-        return NotFound(str(error))
+        return NoSuchResource(str(error))
     return ApiError()  # a refusal without a contract answer: a 500

@@ -1,8 +1,8 @@
 """Request metrics (Prometheus), request ids and one access-log line per request.
 
-``Observer`` does the bookkeeping for both ways in: ``HotPath`` (reads.py) calls it inline for the two
-read endpoints, and the ``Observability`` middleware, in front of Starlette, for every other request that
-gets past ``HotPath``. (Answers given further out are not seen here: CORS preflights, and the rate
+``RequestBookkeeper`` does the bookkeeping for both ways in: ``HotPath`` (reads.py) calls it inline for
+the two read endpoints, and ``BookkeepingMiddleware``, in front of Starlette, for every other request
+that gets past ``HotPath``. (Answers given further out are not seen here: CORS preflights, and the rate
 limiter's 429s, which have their own counter.) Per request it: takes or makes an ``X-Request-ID`` and
 echoes it, counts the request in flight, and afterwards records count and latency by route template and
 status, and queues one access-log line (JSON, or readable text on a terminal). Lines are written by a
@@ -337,8 +337,8 @@ class AccessLog:
 PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-class Observer:
-    """Per-request bookkeeping, the same for both ways in (``HotPath`` and ``Observability``): the
+class RequestBookkeeper:
+    """Per-request bookkeeping, the same for both ways in (``HotPath`` and ``BookkeepingMiddleware``): the
     request id, the in-flight count, metrics and the access-log entry."""
 
     def __init__(self, metrics: Metrics, access_log: AccessLog | None, *, log_probes: bool = False) -> None:
@@ -364,21 +364,21 @@ class Observer:
             )
 
 
-class Observability:
+class BookkeepingMiddleware:
     """ASGI middleware for every request the hot path does not answer itself: request id, in-flight
-    count, metrics and the access log, through ``Observer``."""
+    count, metrics and the access log, through ``RequestBookkeeper``."""
 
-    def __init__(self, app: Any, observer: Observer) -> None:
-        self.app, self.observer = app, observer
+    def __init__(self, app: Any, bookkeeper: RequestBookkeeper) -> None:
+        self.app, self.bookkeeper = app, bookkeeper
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        observer = self.observer
+        bookkeeper = self.bookkeeper
         started = time.perf_counter()
         supplied = next((value for name, value in scope["headers"] if name == REQUEST_ID), None)
-        request_id = observer.request_id(supplied)
+        request_id = bookkeeper.request_id(supplied)
         status = 500
 
         async def send_with_id(message: dict[str, Any]) -> None:
@@ -388,9 +388,9 @@ class Observability:
                 message["headers"] = [*message.get("headers", ()), (REQUEST_ID, request_id)]
             await send(message)
 
-        observer.in_flight += 1
+        bookkeeper.in_flight += 1
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            observer.in_flight -= 1
-            observer.finish(scope, route_of(scope["path"]), request_id, status, started)
+            bookkeeper.in_flight -= 1
+            bookkeeper.finish(scope, route_of(scope["path"]), request_id, status, started)

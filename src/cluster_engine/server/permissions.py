@@ -13,7 +13,7 @@ import uuid
 from ..schemas import ImageType
 from ..storage.records import PUBLIC_NAMESPACE
 from .auth import SCOPE_ADMIN, SCOPE_WRITE, Principal
-from .errors import Forbidden, NotFound
+from .errors import NoSuchResource, NotPermitted
 
 NOT_FOUND = "image not found"
 
@@ -41,16 +41,16 @@ def can_manage(caller: Principal, image_type: ImageType, owner: uuid.UUID) -> bo
 def require_some_write_scope(caller: Principal) -> None:
     """Checked before a request body is read: a read-only token can change nothing."""
     if not (caller.can(SCOPE_WRITE) or caller.can(SCOPE_ADMIN)):
-        raise Forbidden(f"this operation needs the {SCOPE_WRITE} or {SCOPE_ADMIN} scope")
+        raise NotPermitted(f"this operation needs the {SCOPE_WRITE} or {SCOPE_ADMIN} scope")
 
 
 def check_create(caller: Principal, image_type: ImageType, owner: uuid.UUID) -> None:
     if caller.can(SCOPE_ADMIN):
         return
     if image_type is ImageType.PUBLIC:
-        raise Forbidden(f"publishing Public images needs the {SCOPE_ADMIN} scope")
+        raise NotPermitted(f"publishing Public images needs the {SCOPE_ADMIN} scope")
     if owner != caller.org_id:
-        raise Forbidden("images:write creates images for the caller's own org only")
+        raise NotPermitted("images:write creates images for the caller's own org only")
 
 
 def check_change(caller: Principal, image_type: ImageType, owner: uuid.UUID) -> None:
@@ -58,6 +58,6 @@ def check_change(caller: Principal, image_type: ImageType, owner: uuid.UUID) -> 
     if caller.can(SCOPE_ADMIN):
         return
     if not can_see(caller, image_type, owner):
-        raise NotFound(NOT_FOUND)
+        raise NoSuchResource(NOT_FOUND)
     if not can_manage(caller, image_type, owner):
-        raise Forbidden(f"changing this image needs the {SCOPE_ADMIN} scope")
+        raise NotPermitted(f"changing this image needs the {SCOPE_ADMIN} scope")

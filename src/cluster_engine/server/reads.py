@@ -1,13 +1,13 @@
 """The read path, as raw ASGI: ``GET /v1/images`` and ``GET /v1/images/{id}``.
 
 These two endpoints are most of the traffic, so they skip the framework's request/response objects and
-middleware: ``HotPath`` is the first app inside the connection-level wrappers (keepalive.py, and CORS
-and the rate limiter when they are on), answers these requests with ``ListImages`` / ``GetImage``
-and does their request-id, metrics and access-log bookkeeping inline (``Observer``); everything else
-(and HEAD) goes through ``Observability`` and Starlette, whose router mounts the same two endpoints, so
-there is one implementation either way. Per request the work is: one pass over the headers, look the
-token up in the verified-token cache, look the query string up in a parsed-query cache, check
-freshness, look the serialized answer up in the catalog's response cache, send prebuilt headers.
+middleware: ``HotPath`` is the first app inside the connection-level wrappers (keepalive.py, and CORS and
+the rate limiter when they are on), answers these requests with ``ListImages`` / ``GetImage`` and does
+their request-id, metrics and access-log bookkeeping inline (``RequestBookkeeper``); everything else (and
+HEAD) goes through ``BookkeepingMiddleware`` and Starlette, whose router mounts the same two endpoints, so
+there is one implementation either way. Per request the work is: one pass over the headers, look the token
+up in the verified-token cache, look the query string up in a parsed-query cache, check freshness, look
+the serialized answer up in the catalog's response cache, send prebuilt headers.
 Errors are the same ``ApiError`` contract bodies as everywhere else.
 """
 
@@ -21,8 +21,8 @@ from urllib.parse import parse_qsl
 
 from . import permissions, validation
 from .auth import SEVERAL_AUTHORIZATIONS, Verifier
-from .errors import ApiError, NotFound
-from .observability import ORG_KEY, REQUEST_ID, Observer
+from .errors import ApiError, NoSuchResource
+from .observability import ORG_KEY, REQUEST_ID, RequestBookkeeper
 from .prefix import API, Prefixes
 from .readmodel import Catalog
 from .wire import INTERNAL_ERROR_ANSWER, ITEM_PREFIX, ITEM_ROUTE, LIST_PATH, Answer, Headers, error_answer
@@ -133,7 +133,7 @@ class GetImage(_ReadEndpoint):
         image_id = self._image_id(scope["path"][len(ITEM_PREFIX) :])
         rendered = (await self.catalog.view(caller.org)).get(image_id)
         if rendered is None:  # an image the caller may not see is the same 404 as a missing one
-            raise NotFound(permissions.NOT_FOUND)
+            raise NoSuchResource(permissions.NOT_FOUND)
         return rendered.answer(if_none_match)
 
 
@@ -144,7 +144,12 @@ class HotPath:
     pays two tests for that here instead of a middleware layer of its own (0.4 µs, bench/micro.py)."""
 
     def __init__(
-        self, app: Any, list_images: ListImages, get_image: GetImage, observer: Observer, root_path: str = ""
+        self,
+        app: Any,
+        list_images: ListImages,
+        get_image: GetImage,
+        observer: RequestBookkeeper,
+        root_path: str = "",
     ) -> None:
         self.app, self.list_images, self.get_image, self.observer = app, list_images, get_image, observer
         self.root_path = root_path

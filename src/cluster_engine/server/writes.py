@@ -20,7 +20,7 @@ from ..storage.records import Actor
 from ..storage.store import Store
 from . import bodies, permissions, validation, wire
 from .auth import Principal, Verifier
-from .errors import PayloadTooLarge, RequestInvalid, Unavailable
+from .errors import BodyTooLarge, RequestInvalid, Unavailable
 from .observability import ORG_KEY
 from .readmodel import Catalog
 from .reads import request_headers
@@ -73,13 +73,13 @@ async def read_json(request: Request) -> Any:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY:
         drained = int(declared) <= DRAIN_MAX and await _discard_rest(request, 0)
-        raise PayloadTooLarge(TOO_LARGE, connection_reusable=drained)
+        raise BodyTooLarge(TOO_LARGE, connection_reusable=drained)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY:
-            raise PayloadTooLarge(TOO_LARGE, connection_reusable=await _discard_rest(request, size))
+            raise BodyTooLarge(TOO_LARGE, connection_reusable=await _discard_rest(request, size))
         chunks.append(chunk)
     body = b"".join(chunks)
     try:

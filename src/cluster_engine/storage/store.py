@@ -116,6 +116,16 @@ class Store(StoreReads):
             ]
             await conn.execute(_INSERT_AUDIT, rows[0] if len(rows) == 1 else rows)
 
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[tuple[AsyncConnection, int]]:
+        """One image write's transaction and its revision; a unique constraint it breaks is ``Duplicate``
+        (the database decides duplicates: no check-then-write)."""
+        try:
+            async with self.engine.begin() as conn:
+                yield conn, await self._bump(conn)
+        except IntegrityError:
+            raise Duplicate(DUPLICATE) from None
+
     @staticmethod
     async def _row(conn: AsyncConnection, image_id: uuid.UUID, *, lock: bool) -> Any:
         query = _SELECT_IMAGE_FOR_UPDATE if lock and conn.dialect.name == "postgresql" else _SELECT_IMAGE
@@ -126,23 +136,19 @@ class Store(StoreReads):
         began = time.monotonic()
         now = utcnow()
         image = make_image(uuid.uuid4(), image_type, spec, now)
-        try:
-            async with self.engine.begin() as conn:
-                revision = await self._bump(conn)
-                body = json_encoder.encode(image)
-                values = {
-                    **_columns(spec),
-                    "type": image_type.value,
-                    "namespace": namespace_of(image_type, spec.orgId),
-                    "body": body,
-                }
-                await conn.execute(
-                    _INSERT_IMAGE,
-                    {"id": image.id, "created_at": now, "updated_at": now, "revision": revision, **values},
-                )
-                await self._audit(conn, revision, actor, [("create", image.id, _snapshot(image))])
-        except IntegrityError:
-            raise Duplicate(DUPLICATE) from None
+        async with self._writing() as (conn, revision):
+            body = json_encoder.encode(image)
+            values = {
+                **_columns(spec),
+                "type": image_type.value,
+                "namespace": namespace_of(image_type, spec.orgId),
+                "body": body,
+            }
+            await conn.execute(
+                _INSERT_IMAGE,
+                {"id": image.id, "created_at": now, "updated_at": now, "revision": revision, **values},
+            )
+            await self._audit(conn, revision, actor, [("create", image.id, _snapshot(image))])
         self._committed(began, revision, [(body, revision)], [])
         return image
 
@@ -151,33 +157,29 @@ class Store(StoreReads):
     ) -> ImageResp:
         """Apply ``change`` (it checks permission and validates, raising ApiErrors) to the current image."""
         began = time.monotonic()
-        try:
-            async with self.engine.begin() as conn:
-                revision = await self._bump(conn)
-                row = await self._row(conn, image_id, lock=True)
-                if row is None:
-                    raise ImageMissing(IMAGE_NOT_FOUND)
-                before = image_of_body(row.body)
-                spec = change(before)
-                values = {**_columns(spec), "namespace": namespace_of(before.type, spec.orgId)}
-                if all(_same(row._mapping[k], v) for k, v in values.items()):
-                    await conn.rollback()
-                    return before
-                after = make_image(image_id, before.type, spec, before.createdAt)
-                body = json_encoder.encode(after)
-                await conn.execute(
-                    _UPDATE_IMAGE,
-                    {
-                        "image_id": image_id,
-                        "updated_at": utcnow(),
-                        "revision": revision,
-                        "body": body,
-                        **values,
-                    },
-                )
-                await self._audit(conn, revision, actor, [("update", image_id, _diff(before, after))])
-        except IntegrityError:
-            raise Duplicate(DUPLICATE) from None
+        async with self._writing() as (conn, revision):
+            row = await self._row(conn, image_id, lock=True)
+            if row is None:
+                raise ImageMissing(IMAGE_NOT_FOUND)
+            before = image_of_body(row.body)
+            spec = change(before)
+            values = {**_columns(spec), "namespace": namespace_of(before.type, spec.orgId)}
+            if all(_same(row._mapping[k], v) for k, v in values.items()):
+                await conn.rollback()
+                return before
+            after = make_image(image_id, before.type, spec, before.createdAt)
+            body = json_encoder.encode(after)
+            await conn.execute(
+                _UPDATE_IMAGE,
+                {
+                    "image_id": image_id,
+                    "updated_at": utcnow(),
+                    "revision": revision,
+                    "body": body,
+                    **values,
+                },
+            )
+            await self._audit(conn, revision, actor, [("update", image_id, _diff(before, after))])
         self._committed(began, revision, [(body, revision)], [])
         return after
 

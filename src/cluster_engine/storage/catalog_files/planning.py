@@ -146,21 +146,13 @@ class Planner:
         if entry.id is not None:
             image_int = entry.id.int
             by_id = index.slot_of_id.get(image_int)
-            if by_id is not None:
-                last, self.id_seen[by_id] = self.id_seen[by_id], position
-            else:
-                last = self.new_ids.get(image_int, -1)
-                self.new_ids[image_int] = position
+            last = _seen_before(by_id, self.id_seen, self.new_ids, image_int, position)
             if last >= 0:
                 self.duplicates.add(
                     detail(f"[{position}].id", "unique", f"Same id as entry {last}.", str(entry.id))
                 )
         holder = index.slot_of_identity.get(key)  # the stored image with this identity now
-        if holder is not None:
-            last, self.identity_seen[holder] = self.identity_seen[holder], position
-        else:
-            last = self.new_identities.get(key, -1)
-            self.new_identities[key] = position
+        last = _seen_before(holder, self.identity_seen, self.new_identities, key, position)
         if last >= 0:
             self.duplicates.add(
                 detail(
@@ -249,3 +241,16 @@ def _render(image_id: uuid.UUID, entry: CatalogEntry, created_at: dt.datetime) -
 
 
 _encode = json_encoder.encode
+
+
+def _seen_before(
+    slot: int | None, stored_seen: array.array[int], new_seen: dict[int, int], key: int, position: int
+) -> int:
+    """The last entry before ``position`` that named this id or identity (-1: none), and now ``position``:
+    kept per stored image (``slot``) in ``stored_seen``, else by ``key`` in ``new_seen``."""
+    if slot is not None:
+        last, stored_seen[slot] = stored_seen[slot], position
+        return last
+    last = new_seen.get(key, -1)
+    new_seen[key] = position
+    return last
