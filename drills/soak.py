@@ -90,8 +90,9 @@ class Phase:
 
     @property
     def rate(self) -> float:
-        """Answers per second to requests sent from ``counted_from`` on: reads and writes."""
-        counted = [c for w, c in self.reads.answers.items() if w * self.width >= self.counted_from]
+        """Answers per second to requests sent from ``counted_from`` to the end: reads and writes."""
+        low, high = self.counted_from, self.seconds
+        counted = [c for w, c in self.reads.answers.items() if low <= w * self.width < high]
         reads = sum(sum(c.values()) for c in counted)
         writes = sum(1 for o in self.writes.outcomes if o.started >= self.counted_from)
         return (reads + writes) / (self.seconds - self.counted_from)
@@ -183,6 +184,7 @@ def _measure(workdir: Path, short: bool, report: Report) -> Soak:
     """The plan checked, capacity (wrk closed loop, the writer beside it), then the paced soak while a
     thread samples the workers; the writes of both verified against the database at the end."""
     duration, _, width = _timings(short)
+    wrkload.wrk_path()  # before anything starts: the drill cannot run without it
     lines = wrkload.plan(orgs=20, public=PUBLIC, per_org=PER_ORG)
     with pg_service(workdir) as service:
         plan_file = wrkload.write_plan(workdir / "plan.tsv", lines, service.server.secret, ttl=24 * 3600)

@@ -193,6 +193,13 @@ def _ok(key: str) -> bool:
     return kind in OK and status.isdigit() and int(status) in OK[kind]
 
 
+def wrk_path() -> str:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError("wrk is not installed (Debian: apt-get install wrk; .ci/run installs it)")
+    return wrk
+
+
 @dataclass
 class Wrk:
     """A wrk process running soak.lua: ``start`` it, do other things, then ``finish`` for the counts."""
@@ -209,10 +216,15 @@ class Wrk:
     _cpu: float = field(default=0.0, init=False)
 
     def start(self) -> Wrk:
-        wrk = shutil.which("wrk")
-        if wrk is None:
-            raise RuntimeError("wrk is not installed (Debian: apt-get install wrk)")
-        argv = [wrk, "-t1", f"-c{self.connections}", f"-d{self.duration}s", "--latency", "--timeout", "5s"]
+        argv = [
+            wrk_path(),
+            "-t1",
+            f"-c{self.connections}",
+            f"-d{self.duration}s",
+            "--latency",
+            "--timeout",
+            "5s",
+        ]
         argv += ["-s", str(LUA_SCRIPT), self.base + "/v1/images", "--", str(self.plan_file), pattern()]
         argv += [f"{self.t0:.6f}", f"{self.width:g}", f"{self.rate:.3f}"]
         self._cpu = _children_cpu()
