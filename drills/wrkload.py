@@ -146,7 +146,11 @@ def _line_problem(line: Line, caller: uuid.UUID, response: httpx.Response) -> st
 class WrkRun:
     """What one wrk run with soak.lua counted."""
 
-    result: WrkResult  # wrk's own summary: requests, rate, latency percentiles, socket errors
+    # wrk's own summary: requests, rate, socket errors, latency. Its percentiles are "corrected" for
+    # coordinated omission (stats_correct: an answer slower than twice runtime / (answers per connection)
+    # adds synthetic samples below it, as for a closed loop that should have sent meanwhile); paced, where
+    # free connections take the slots a slow one misses, that overstates them. Its max is measured.
+    result: WrkResult
     seconds: float  # wall-clock length of the run
     cpu_seconds: float  # wrk's CPU time (user + system)
     sent: dict[int, int]  # window -> requests sent
@@ -168,15 +172,23 @@ class WrkRun:
             bad["unmatched"] = self.unmatched
         return bad
 
+    @property
+    def unanswered(self) -> int:
+        """Requests sent without an answer counted: at most one per connection (in flight at the end)."""
+        return sum(self.sent.values()) - sum(self.by_status().values()) - self.unmatched
+
     def by_kind(self) -> Counter[str]:
         kinds: Counter[str] = Counter()
         for key, n in self.by_status().items():
             kinds[key.split()[0]] += n
         return kinds
 
-    def latency_ms(self, window: int, q: float) -> float:
-        """The ``q`` quantile of the answers to requests sent in ``window`` (the bucket's middle, ±2.5%)."""
-        buckets = self.histogram.get(window, Counter())
+    def latency_ms(self, q: float, window: int | None = None) -> float:
+        """The ``q`` quantile of the answers (to requests sent in ``window``, or all): the middle of its
+        bucket, ±2.5%. Every answer measured once, unlike wrk's percentiles (see ``WrkRun.result``)."""
+        buckets: Counter[int] = Counter()
+        for counted in self.histogram.values() if window is None else [self.histogram.get(window, Counter())]:
+            buckets.update(counted)
         total = sum(buckets.values())
         if not total:
             return math.nan
