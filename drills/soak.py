@@ -43,8 +43,8 @@ from .common import (
     summarize,
     verify_ledger,
     windows,
+    worker_pids,
 )
-from .common import worker_pids as workers_of
 from .pgservice import WORKERS, Sample, Sampler, Service, cpu_seconds, load_started, merge_ledgers, pg_service
 from .wrkload import WrkRun
 
@@ -100,7 +100,10 @@ class Phase:
 
     def cpu_text(self) -> str:
         wrk = self.reads.cpu_seconds / self.reads.seconds
-        return f"wrk {wrk:.0%} of a core, workers {self.workers_cpu:.0%}, drill (writer) {self.drill_cpu:.0%}"
+        return (
+            f"wrk {wrk:.0%} of a core, the {WORKERS} workers {self.workers_cpu:.0%} together, "
+            f"drill (writer, sampler) {self.drill_cpu:.0%}"
+        )
 
 
 @dataclass
@@ -227,7 +230,7 @@ def _phase(
     together; windows of ``width`` seconds count from the writer's start."""
     writes = service.load(concurrency=WRITERS, rate=WRITE_RATE, write_share=1.0)
     writer = threading.Thread(target=writes.run, args=(seconds,), name="writer", daemon=True)
-    pids = workers_of(service.server)
+    pids = worker_pids(service.server)
     workers0, drill0, began = sum(map(cpu_seconds, pids)), time.process_time(), time.monotonic()
     writer.start()
     start = load_started(writes)
