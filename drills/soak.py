@@ -23,9 +23,6 @@ machine the capacity measured a moment earlier may not hold.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,29 +30,15 @@ from typing import Any
 from bench.report import table
 
 from . import wrkload
-from .common import (
-    Load,
-    Outcome,
-    Report,
-    check_answers,
-    median,
-    percentile,
-    summarize,
-    verify_ledger,
-    windows,
-    worker_pids,
-)
-from .pgservice import WORKERS, Sample, Sampler, Service, cpu_seconds, load_started, merge_ledgers, pg_service
-from .wrkload import WrkRun
+from .common import Report, check_answers, median, percentile, summarize, verify_ledger, windows
+from .pgservice import WORKERS, Sample, merge_ledgers, pg_service
+from .soak_load import CONNECTIONS, WRITE_RATE, WRITERS, Phase, mix, run_phase, statuses, write_ok
 
 NAME = "soak"
 TITLE = "Soak: 10 minutes of mixed load at 70% of capacity, reads from wrk (2 workers, PostgreSQL)"
 
 LOAD_SHARE = 0.7
 MIN_SHARE = 0.5  # of capacity, asserted on the achieved rate (full run)
-CONNECTIONS = 64
-WRITE_RATE = 13.0  # writes/s: the rate of the soak's writes when they were 5% of a Python-generated load
-WRITERS = 8  # the writer's connections
 RSS_GROWTH_LIMIT = 10.0  # percent
 FD_SLACK = 10
 PUBLIC, PER_ORG = 60, 10  # the seeded catalog (pgservice.pg_service)
@@ -71,39 +54,6 @@ def _rss(samples: list[Sample], pid: int) -> list[float]:
 
 def _fds(samples: list[Sample], pid: int) -> list[int]:
     return [value for s in samples if (value := s.fds.get(pid)) is not None]
-
-
-def _write_ok(o: Outcome) -> bool:
-    return o.problem is None and o.status in (201, 204)
-
-
-@dataclass
-class Phase:
-    """One wrk run with the Python writer beside it, and who used the CPU meanwhile (shares of a core)."""
-
-    reads: WrkRun
-    writes: Load
-    seconds: float
-    counted_from: float  # seconds: answers to requests sent earlier are warm-up
-    workers_cpu: float
-    drill_cpu: float  # this process: the writer and the sampler
-    width: float  # of the reads' windows (seconds)
-
-    @property
-    def rate(self) -> float:
-        """Answers per second to requests sent from ``counted_from`` to the end: reads and writes."""
-        low, high = self.counted_from, self.seconds
-        counted = [c for w, c in self.reads.answers.items() if low <= w * self.width < high]
-        reads = sum(sum(c.values()) for c in counted)
-        writes = sum(1 for o in self.writes.outcomes if o.started >= self.counted_from)
-        return (reads + writes) / (self.seconds - self.counted_from)
-
-    def cpu_text(self) -> str:
-        wrk = self.reads.cpu_seconds / self.reads.seconds
-        return (
-            f"wrk {wrk:.0%} of a core, the {WORKERS} workers {self.workers_cpu:.0%} together, "
-            f"drill (writer, sampler) {self.drill_cpu:.0%}"
-        )
 
 
 @dataclass
@@ -154,7 +104,7 @@ def run(workdir: Path, *, short: bool) -> Report:
     report.check(not soak.plan_problems, f"the plan's answers are wrong: {soak.plan_problems[:3]}")
     for label, phase in (("capacity phase", soak.capacity), ("soak", soak.load)):
         check_answers(phase.writes.outcomes, report, f"{label} writes")
-        bad = sum(1 for o in phase.writes.outcomes if not _write_ok(o))
+        bad = sum(1 for o in phase.writes.outcomes if not write_ok(o))
         report.check(not bad, f"{label}: {bad} writes not answered 201/204")
         errors, sockets = phase.reads.errors(), phase.reads.result.socket_errors
         report.check(not errors, f"{label}: reads answered outside 200/304: {dict(errors)}")
@@ -198,9 +148,9 @@ def _measure(workdir: Path, short: bool, report: Report) -> Soak:
         plan_file = wrkload.write_plan(workdir / "plan.tsv", lines, service.server.secret, ttl=24 * 3600)
         problems = wrkload.check_plan(service.server.url, lines, service.server.secret)
         seconds, warmup = (7.0, 2.0) if short else (12.0, 2.0)
-        capacity, _ = _phase(service, plan_file, seconds, 1.0, rate=0.0, counted_from=warmup)
+        capacity, _ = run_phase(service, plan_file, seconds, 1.0, rate=0.0, counted_from=warmup)
         target = round(LOAD_SHARE * capacity.rate, 1)
-        load, sampler = _phase(
+        load, sampler = run_phase(
             service,
             plan_file,
             duration,
@@ -214,45 +164,6 @@ def _measure(workdir: Path, short: bool, report: Report) -> Soak:
         log_tail = _tail(service.server.log_path)
     assert sampler is not None
     return Soak(short, capacity, target, load, sampler.pids_seen, sampler.samples, problems, log_tail)
-
-
-def _phase(
-    service: Service,
-    plan_file: Path,
-    seconds: float,
-    width: float,
-    *,
-    rate: float,
-    counted_from: float = 0.0,
-    sample_every: float | None = None,
-) -> tuple[Phase, Sampler | None]:
-    """wrk (paced at ``rate`` reads/s, or closed loop at 0) and the writer for ``seconds``, started
-    together; windows of ``width`` seconds count from the writer's start."""
-    writes = service.load(concurrency=WRITERS, rate=WRITE_RATE, write_share=1.0)
-    writer = threading.Thread(target=writes.run, args=(seconds,), name="writer", daemon=True)
-    pids = worker_pids(service.server)
-    workers0, drill0, began = sum(map(cpu_seconds, pids)), time.process_time(), time.monotonic()
-    writer.start()
-    start = load_started(writes)
-    t0 = time.time() - (
-        time.monotonic() - start
-    )  # the writer's start on the wall clock, as soak.lua reads it
-    wrk = wrkload.Wrk(service.server.url, plan_file, int(seconds), t0, width, rate, CONNECTIONS)
-    sampler = Sampler(service.server, writes, every=sample_every) if sample_every else None
-    try:
-        wrk.start()
-        with sampler or contextlib.nullcontext():
-            reads = wrk.finish()
-            writer.join(30)
-    finally:
-        wrk.stop()
-    if writer.is_alive():
-        raise RuntimeError("the writer did not finish")
-    elapsed = time.monotonic() - began
-    workers_cpu = (sum(map(cpu_seconds, pids)) - workers0) / elapsed
-    drill_cpu = (time.process_time() - drill0) / elapsed
-    phase = Phase(reads, writes, seconds, counted_from, workers_cpu, drill_cpu, width)
-    return phase, sampler
 
 
 def _tail(path: Path, size: int = 2000) -> str:
@@ -291,32 +202,6 @@ def _fd_steady(soak: Soak) -> list[str]:
     return steady
 
 
-def _statuses(phase: Phase) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for key, n in sorted(phase.reads.by_status().items()):
-        kind, _, status = key.partition(" ")
-        counts[f"{wrkload.KINDS.get(kind, kind)} {status}"] = n
-    for key, n in summarize(phase.writes.outcomes)["by_status"].items():
-        counts[f"write {key}"] = n
-    return counts
-
-
-def _mix(phase: Phase) -> str:
-    kinds = phase.reads.by_kind()
-    writes = phase.writes.outcomes
-    total = sum(kinds.values()) + len(writes)
-    if not total:
-        return "no answers"
-    order = [*wrkload.KINDS, *sorted(set(kinds) - set(wrkload.KINDS))]
-    parts = [f"{wrkload.KINDS.get(k, k)} {kinds[k]} ({kinds[k] / total:.1%})" for k in order if k in kinds]
-    creates = sum(1 for o in writes if o.kind == "create")
-    parts.append(
-        f"writes {len(writes)} ({len(writes) / total:.2%}: {creates} creates, "
-        f"{len(writes) - creates} deletes)"
-    )
-    return ", ".join(parts)
-
-
 def _report(soak: Soak, growth: dict[str, str], fd_steady: list[str], report: Report) -> None:
     duration, warmup, window = soak.duration, soak.warmup, soak.window
     load, capacity = soak.load, soak.capacity
@@ -342,13 +227,13 @@ def _report(soak: Soak, growth: dict[str, str], fd_steady: list[str], report: Re
         f"{soak.achieved:.0f} req/s over {duration:.0f} s, {soak.achieved / capacity.rate:.0%} of capacity"
         + ("" if asserted else " (not asserted: short run)")
     )
-    figures["mix (answers)"] = _mix(load)
-    figures["answers by status"] = _statuses(load)
+    figures["mix (answers)"] = mix(load)
+    figures["answers by status"] = statuses(load)
     errors = dict(load.reads.errors())
     errors.update(
         {
             f"write {k}": v
-            for k, v in summarize([o for o in load.writes.outcomes if not _write_ok(o)])["by_status"].items()
+            for k, v in summarize([o for o in load.writes.outcomes if not write_ok(o)])["by_status"].items()
         }
     )
     figures["errors by status"] = errors or "none"
@@ -365,7 +250,7 @@ def _report(soak: Soak, growth: dict[str, str], fd_steady: list[str], report: Re
         f"{writes['p50_ms']} / {writes['p99_ms']} / {writes['max_ms']}"
     )
     figures["CPU during the soak"] = load.cpu_text()
-    figures["capacity phase answers"] = _statuses(capacity)
+    figures["capacity phase answers"] = statuses(capacity)
     figures["RSS growth after warm-up"] = growth
     figures["RSS growth check"] = (
         f"median RSS in [{warmup:.0f} s, {warmup + window:.0f} s) vs [{duration - window:.0f} s, "
@@ -399,7 +284,7 @@ def _window_table(soak: Soak) -> list[str]:
             continue
         in_window = _in(soak.samples, index * width, (index + 1) * width)
         group = writes.get(index, [])
-        errors = sum(reads.errors({index}).values()) + sum(1 for o in group if not _write_ok(o))
+        errors = sum(reads.errors({index}).values()) + sum(1 for o in group if not write_ok(o))
         rss = [_rss(in_window, pid) for pid in pids]
         fds = [_fds(in_window, pid) for pid in pids]
         label = f"{index + 1}" + (" (warm-up)" if (index + 1) * width <= soak.warmup else "")
