@@ -17,6 +17,7 @@ from .config_values import (
     Bounded,
     Parser,
     _bool,
+    _interface,
     _log_format,
     _optional_str,
     _origins,
@@ -76,6 +77,7 @@ class Settings:
     database_read_url: str | None = None
     cors_origins: tuple[str, ...] = ()
     root_path: str = ""
+    server_interface: str = "asgi"
 
     @property
     def dev_secret_path(self) -> Path:
@@ -285,6 +287,15 @@ SETTINGS: tuple[Setting, ...] = (
         "carry it. Not needed for /api, which the service serves itself (the contract's server is "
         "https://console.gmicloud.ai/api): /api/v1/images answers exactly what /v1/images does, and a "
         "proxy that strips /api may set CE_ROOT_PATH=/api. Overrides the ASGI server's root_path.",
+    ),
+    Setting(
+        "CE_SERVER_INTERFACE",
+        "server_interface",
+        _interface,
+        "How Granian calls the service: `rsgi` (its native interface: `GET /v1/images` and "
+        "`GET /v1/images/{id}` answered directly, everything else through an RSGI-to-ASGI bridge into the "
+        "same application) or `asgi`. The answers are the same either way; with CE_CORS_ORIGINS or "
+        "CE_RATE_LIMIT set, `rsgi` passes every request through the bridge.",
     ),
 )
 
