@@ -13,9 +13,10 @@ converted once and kept, by identity).
 With CORS or the rate limiter configured (ASGI middleware in front of the read path) the read path is not
 taken here: every request goes through the bridge, so those answers are unchanged too.
 
-Headers whose value is not visible ASCII are not shown to RSGI applications (Granian leaves them out), so
-such an Authorization, If-None-Match or X-Request-ID counts as absent here, where the ASGI interface
-passes its bytes on (and refuses them or ignores them further in).
+Headers whose value is not visible ASCII are not shown to RSGI applications (Granian leaves them out).
+Such an Authorization is refused as an invalid token, as over ASGI (``UNREADABLE_AUTHORIZATION``); but
+beside a readable one it goes unseen, so the pair is not refused as several Authorization headers. Such
+an If-None-Match or X-Request-ID counts as absent (over ASGI: matches no ETag, is replaced by a new id).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .app import Served
 from .auth import SEVERAL_AUTHORIZATIONS
 from .prefix import API, split_prefix, with_prefix
 from .reads import _ReadEndpoint
-from .rsgibridge import Bridge, Lifespan
+from .rsgibridge import UNREADABLE_AUTHORIZATION, Bridge, Lifespan
 from .wire import ITEM_PREFIX, ITEM_ROUTE, LIST_PATH, Headers
 
 StrHeaders = list[tuple[str, str]]
@@ -115,13 +116,12 @@ def request_headers(headers: Any) -> tuple[bytes | None, bytes | None, bytes | N
     """What ``reads.request_headers`` takes from an ASGI scope, from RSGI's headers: Authorization (several
     are ``SEVERAL_AUTHORIZATIONS``), the last If-None-Match and the first X-Request-ID."""
     authorizations = headers.get_all("authorization")
-    authorization = (
-        None
-        if not authorizations
-        else authorizations[0].encode("latin-1")
-        if len(authorizations) == 1
-        else SEVERAL_AUTHORIZATIONS
-    )
+    if len(authorizations) == 1:
+        authorization: bytes | None = authorizations[0].encode("latin-1")
+    elif authorizations:
+        authorization = SEVERAL_AUTHORIZATIONS
+    else:
+        authorization = UNREADABLE_AUTHORIZATION if "authorization" in headers else None
     if_none_match = headers.get_all("if-none-match")  # the last one, as reads.request_headers
     request_id = headers.get(_REQUEST_ID)
     return (

@@ -8,7 +8,8 @@ gives it (granian 2.8: ``src/asgi/utils.rs``, ``src/asgi/io.rs``):
 - the scope: the same keys and values (``path`` percent-decoded, ``query_string`` as bytes, ``server`` and
   ``client`` as (host, port string), a ``host`` header added when the request has none, ``root_path`` "")
   except ``raw_path``, which RSGI does not expose (nothing in this service needs it), and header values
-  that are not visible ASCII, which RSGI's headers leave out;
+  that are not visible ASCII, which RSGI's headers leave out (an Authorization header of such bytes is
+  given as ``UNREADABLE_AUTHORIZATION``, so that it is refused as an invalid token, not taken for none);
 - ``receive``: the body chunk by chunk (``protocol.__aiter__``, never ``protocol()``, which would read a
   body of any size), each ``more_body=True``, then an empty last one, as Granian's ASGI does; a body that
   ends before its ``Content-Length`` is the client going away (``http.disconnect``). Once the body is in,
@@ -31,6 +32,9 @@ from typing import Any
 
 Message = dict[str, Any]
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
+# An Authorization header RSGI does not show (its value is not visible ASCII) stands for a credential
+# that cannot be read: a bearer token the verifier refuses as invalid, as it refuses such bytes over ASGI.
+UNREADABLE_AUTHORIZATION = b"Bearer \x80"
 
 
 def _address(text: str) -> tuple[str, str]:
@@ -41,9 +45,12 @@ def _address(text: str) -> tuple[str, str]:
 
 def asgi_scope(scope: Any, state: dict[str, Any]) -> Message:
     """The ASGI ``http`` scope of an RSGI request."""
-    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in scope.headers.items()]
-    if "host" not in scope.headers:
+    shown = scope.headers
+    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in shown.items()]
+    if "host" not in shown:
         headers.insert(0, (b"host", (scope.authority or "").encode("latin-1")))
+    if "authorization" in shown and not shown.get_all("authorization"):
+        headers.append((b"authorization", UNREADABLE_AUTHORIZATION))
     return {
         "type": "http",
         "asgi": _ASGI,
