@@ -77,7 +77,7 @@ class Settings:
     database_read_url: str | None = None
     cors_origins: tuple[str, ...] = ()
     root_path: str = ""
-    server_interface: str = "asgi"
+    server_interface: str = "rsgi"
 
     @property
     def dev_secret_path(self) -> Path:
@@ -294,8 +294,9 @@ SETTINGS: tuple[Setting, ...] = (
         _interface,
         "How Granian calls the service: `rsgi` (its native interface: `GET /v1/images` and "
         "`GET /v1/images/{id}` answered directly, everything else through an RSGI-to-ASGI bridge into the "
-        "same application) or `asgi`. The answers are the same either way; with CE_CORS_ORIGINS or "
-        "CE_RATE_LIMIT set, `rsgi` passes every request through the bridge.",
+        "same application; the read path pays less per request) or `asgi` (the ASGI application alone). "
+        "The answers are the same either way; with CE_CORS_ORIGINS or CE_RATE_LIMIT set, `rsgi` passes "
+        "every request through the bridge.",
     ),
 )
 
