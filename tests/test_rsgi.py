@@ -384,3 +384,15 @@ def test_an_authorization_of_bytes_rsgi_cannot_show_is_refused_as_invalid(pair: 
         over_asgi, over_rsgi = (_compared(_raw_exchange(server, request)) for server in pair)
         assert over_rsgi == over_asgi
         assert over_asgi[0] == [b"401"] and b'error="invalid_token"' in b"".join(over_asgi[1])
+
+
+def test_a_client_gone_mid_body_leaves_both_serving(pair: Pair) -> None:
+    for server in pair:
+        token = server.token(DEMO_ORG, scopes=[WRITE])
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                f"POST /v1/images HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"idc": '.encode()
+            )
+        assert _send(server, "GET", "/v1/images", [_auth(pair)]).status_code == 200
