@@ -35,14 +35,20 @@ from .main import (
 
 
 def worker_app() -> Any:
-    """Granian's factory target: each worker process builds its app from the same environment."""
-    from ..server.app import create_app
+    """Granian's factory target: each worker process builds its app from the same environment (the ASGI
+    application, or with CE_SERVER_INTERFACE=rsgi the RSGI service around it)."""
+    from ..server.app import build
     from ..server.connguard import ConnectionGuard
 
     settings = load_settings(os.environ)
     _configure_logging(os.environ.get("CE_LOG_LEVEL", "info"), settings)
     ConnectionGuard.start(settings.max_connections)  # idle ones closed first, then 503s, at the budget
-    return create_app(settings)
+    served = build(settings)
+    if settings.server_interface == "rsgi":
+        from ..server.rsgi import RsgiService
+
+        return RsgiService(served)
+    return served.asgi
 
 
 @main.command()
@@ -134,7 +140,7 @@ def serve(host: str, port: int, workers: int, demo: bool, migrate: bool | None, 
             factory=True,
             address=host,
             port=port,
-            interface=Interfaces.ASGI,
+            interface=Interfaces.RSGI if settings.server_interface == "rsgi" else Interfaces.ASGI,
             loop=Loops.uvloop if _has_uvloop() else Loops.asyncio,
             workers=workers,
             respawn_failed_workers=True,  # a worker that dies (OOM kill, crash) is replaced

@@ -18,6 +18,7 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
@@ -168,7 +169,22 @@ def open_store(settings: Settings) -> Store:
     )
 
 
+@dataclass(frozen=True)
+class Served:
+    """The service for one worker: the ASGI application (the whole service), and the read path that
+    answers ``GET /v1/images…`` in front of it, for a server interface that calls it directly (rsgi.py);
+    None when CORS or the rate limiter sit in front of it (they are ASGI middleware)."""
+
+    asgi: KeepAliveGuard
+    reads: HotPath | None
+
+
 def create_app(settings: Settings) -> KeepAliveGuard:
+    """The ASGI application of the whole service."""
+    return build(settings).asgi
+
+
+def build(settings: Settings) -> Served:
     verifier = Verifier(settings)
     metrics = Metrics()
     verifier.on_failure = lambda failure: metrics.auth_failures.labels(failure.reason).inc()
@@ -259,14 +275,16 @@ def create_app(settings: Settings) -> KeepAliveGuard:
     app.state.catalog = catalog
     app.state.verifier = verifier
     app.state.metrics = metrics
-    served: Any = HotPath(
+    reads = HotPath(
         BookkeepingMiddleware(BodyDeadline(Rejoin(app), settings.body_timeout), bookkeeper),
         list_images,
         get_image,
         bookkeeper,
         settings.root_path,
     )
+    served: Any = reads
     if settings.rate_limit is not None:
         buckets = Buckets(Rate.parse(settings.rate_limit))
         served = RateLimit(served, buckets, verifier, on_throttle=metrics.throttled.inc)
-    return KeepAliveGuard(with_cors(served, settings.cors_origins), settings.body_timeout)
+    served = with_cors(served, settings.cors_origins)
+    return Served(KeepAliveGuard(served, settings.body_timeout), reads if served is reads else None)

@@ -17,6 +17,7 @@ from .config_values import (
     Bounded,
     Parser,
     _bool,
+    _interface,
     _log_format,
     _optional_str,
     _origins,
@@ -261,6 +262,16 @@ class Settings:
         "carry it. Not needed for /api, which the service serves itself (the contract's server is "
         "https://console.gmicloud.ai/api): /api/v1/images answers exactly what /v1/images does, and a "
         "proxy that strips /api may set CE_ROOT_PATH=/api. Overrides the ASGI server's root_path.",
+    )
+    server_interface: str = setting(
+        "CE_SERVER_INTERFACE",
+        _interface,
+        default="rsgi",
+        help="How Granian calls the service: `rsgi` (its native interface: `GET /v1/images` and "
+        "`GET /v1/images/{id}` answered directly, everything else through an RSGI-to-ASGI bridge into the "
+        "same application; the read path pays less per request) or `asgi` (the ASGI application alone). "
+        "The answers are the same either way; with CE_CORS_ORIGINS or CE_RATE_LIMIT set, `rsgi` passes "
+        "every request through the bridge.",
     )
 
     @property

@@ -90,3 +90,13 @@ def _rate(name: str, raw: str) -> str | None:
         return str(Rate.parse(raw))
     except ValueError:
         raise ConfigError(f"{name} must be RATE/BURST (e.g. 100/200), got {raw!r}") from None
+
+
+INTERFACES = ("rsgi", "asgi")
+
+
+def _interface(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in INTERFACES:
+        raise ConfigError(f"{name} must be rsgi or asgi, got {raw!r}")
+    return value

@@ -48,6 +48,29 @@ def _prefixed(value: bytes, prefix: bytes) -> bytes:
     )
 
 
+def split_prefix(path: str, root: str) -> tuple[int, str]:
+    """(characters to take off the front of ``path``, the request's external prefix) for a request whose
+    server-side prefix is ``root`` (CE_ROOT_PATH or the server's root_path, possibly empty); no prefix is
+    ``(0, "")``. The same rule for both ways in (``Prefixes`` here, and the RSGI read path: rsgi.py)."""
+    cut = 0  # characters taken off the front of the path (ASCII: the same count of raw_path's bytes)
+    if root and _under(path, root):  # a server that keeps the prefix in the path (uvicorn --root-path)
+        cut = len(root)
+    if _under(path[cut:], API):
+        cut, root = cut + len(API), root + API
+    return cut, root
+
+
+def with_prefix(headers: Any, prefix: bytes) -> Any:
+    """``headers`` with ``prefix`` put in front of the relative ``Location`` and ``Link`` references
+    (``headers`` itself when it has neither)."""
+    if not any(name in (b"location", b"link") for name, _ in headers):
+        return headers
+    return [
+        (name, _prefixed(value, prefix) if name in (b"location", b"link") else value)
+        for name, value in headers
+    ]
+
+
 class Prefixes:
     """Strip the request's prefix (CE_ROOT_PATH or the server's root_path, then ``/api``) for ``app``;
     prepend it to the relative ``Location`` and ``Link`` headers ``app`` answers with."""
@@ -62,12 +85,7 @@ class Prefixes:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        root: str = self.root_path or (scope.get("root_path") or "").rstrip("/")
-        cut = 0  # characters taken off the front of the path (ASCII: the same count of raw_path's bytes)
-        if root and _under(path, root):  # a server that keeps the prefix in the path (uvicorn --root-path)
-            cut = len(root)
-        if _under(path[cut:], API):
-            cut, root = cut + len(API), root + API
+        cut, root = split_prefix(path, self.root_path or (scope.get("root_path") or "").rstrip("/"))
         if not root:
             await self.app(scope, receive, send)
             return
@@ -81,12 +99,10 @@ class Prefixes:
         async def send_prefixed(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 headers = message.get("headers", ())
-                if any(name in (b"location", b"link") for name, _ in headers):
+                prefixed = with_prefix(headers, prefix)
+                if prefixed is not headers:
                     message = dict(message)
-                    message["headers"] = [
-                        (name, _prefixed(value, prefix) if name in (b"location", b"link") else value)
-                        for name, value in headers
-                    ]
+                    message["headers"] = prefixed
             await send(message)
 
         await self.app(inner, receive, send_prefixed)
