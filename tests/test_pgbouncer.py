@@ -516,7 +516,12 @@ def test_workers_through_pgbouncer_share_a_few_server_connections(direct_url: st
                 return sum(1 for row in cursor.fetchall() if row[column] == database)
 
             def servers() -> int:
-                query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                # client backends only: an autovacuum worker on the database (the writes here can start
+                # one) has its datname too, and would count as one of PgBouncer's server connections
+                query = (
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = %s AND backend_type = 'client backend'"
+                )
                 return int(stats.execute(query, (database,)).fetchone()[0])  # type: ignore[index]
 
             def burst(_: int) -> int:

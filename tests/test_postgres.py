@@ -355,7 +355,12 @@ def test_libpq_multi_host_url_finds_the_live_host_and_listens(databases: Databas
 
 
 def _connections(admin_url: str, database: str) -> int:
-    return int(_rows(admin_url, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'")[0][0])
+    """Client connections to ``database`` (an autovacuum worker on it has its datname too)."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity"
+        f" WHERE datname = '{database}' AND backend_type = 'client backend'"
+    )
+    return int(_rows(admin_url, query)[0][0])
 
 
 @pytest.mark.skipif(
