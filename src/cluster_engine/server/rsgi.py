@@ -7,8 +7,8 @@ lifespan. The read path here is the ASGI ``HotPath``'s (reads.py) other way in, 
 same endpoints (``ListImages`` / ``GetImage``: authentication, parsing, the read model, errors as
 ``ApiError`` answers), the same ``RequestBookkeeper`` (request id, in-flight count, metrics, access
 log) and the same prefix rule (prefix.py); what is RSGI's own is only how the request's headers are
-read and how the answer is handed over (RSGI takes ``str`` header tuples: the prebuilt headers of cached
-answers are converted once and kept, by identity).
+read and how the answer is handed over (RSGI takes ``str`` header tuples: a cached answer's prebuilt
+headers are converted once and kept on it, ``wire.Prebuilt``).
 
 With CORS or the rate limiter configured (ASGI middleware in front of the read path) the read path is not
 taken here: every request goes through the bridge, so those answers are unchanged too.
@@ -29,10 +29,8 @@ from .auth import SEVERAL_AUTHORIZATIONS
 from .prefix import API, split_prefix, with_prefix
 from .reads import _ReadEndpoint
 from .rsgibridge import UNREADABLE_AUTHORIZATION, Bridge, Lifespan
-from .wire import ITEM_PREFIX, ITEM_ROUTE, LIST_PATH, Headers
+from .wire import ITEM_PREFIX, ITEM_ROUTE, LIST_PATH, Headers, Prebuilt, StrHeaders
 
-StrHeaders = list[tuple[str, str]]
-_MEMO_SIZE = 8192  # header lists of cached answers converted for RSGI
 _REQUEST_ID = "x-request-id"
 
 
@@ -51,7 +49,6 @@ class RsgiService:
         if reads is not None:
             self.list_images, self.get_image = reads.list_images, reads.get_image
             self.observer, self.root_path = reads.observer, reads.root_path
-        self._converted: dict[int, tuple[Headers, StrHeaders]] = {}
 
     def __rsgi_init__(self, loop: Any) -> None:
         loop.run_until_complete(self.lifespan.startup())
@@ -90,26 +87,16 @@ class RsgiService:
             status, headers, body = await endpoint.answer_safely(request, authorization, if_none_match)
             if prefix:
                 converted = str_headers(with_prefix(headers, prefix))
-            elif status < 400:  # a cached answer's headers: converted once
-                converted = self._str_headers(headers)
+            elif isinstance(headers, Prebuilt):  # a cached answer's headers: converted once
+                if headers.text is None:
+                    headers.text = str_headers(headers)
+                converted = headers.text
             else:
                 converted = str_headers(headers)
             protocol.response_bytes(status, [*converted, (_REQUEST_ID, request_id.decode())], body)
         finally:
             observer.in_flight -= 1
             observer.finish(request, route, request_id, status, started)
-
-    def _str_headers(self, headers: Headers) -> StrHeaders:
-        """``headers`` as RSGI takes them, converted once per list (kept with the list, so that its id
-        cannot be another list's while it is here)."""
-        memo = self._converted.get(id(headers))
-        if memo is not None and memo[0] is headers:
-            return memo[1]
-        converted = str_headers(headers)
-        if len(self._converted) >= _MEMO_SIZE:
-            self._converted.clear()
-        self._converted[id(headers)] = (headers, converted)
-        return converted
 
 
 def request_headers(headers: Any) -> tuple[bytes | None, bytes | None, bytes | None]:

@@ -23,6 +23,21 @@ JSON_TYPE = JSON.decode()
 CACHE_CONTROL = b"private, max-age=0"
 
 Headers = list[tuple[bytes, bytes]]
+StrHeaders = list[tuple[str, str]]
+
+
+class Prebuilt(list[tuple[bytes, bytes]]):
+    """The header list of a cached answer, built once. ``text`` is the same headers as ``str`` pairs (what
+    RSGI takes), filled on first use: it lives and dies with the answer, where a table of conversions
+    kept apart would keep every header list it saw alive."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, headers: Headers) -> None:
+        super().__init__(headers)
+        self.text: StrHeaders | None = None
+
+
 Answer = tuple[int, Headers, bytes]  # status, headers, body
 
 
@@ -64,12 +79,10 @@ class Rendered:
         return cls(
             body=body,
             etag=etag,
-            headers=[
-                (b"content-type", JSON),
-                (b"content-length", str(len(body)).encode()),
-                *validators,
-            ],
-            headers_304=validators,
+            headers=Prebuilt(
+                [(b"content-type", JSON), (b"content-length", str(len(body)).encode()), *validators]
+            ),
+            headers_304=Prebuilt(validators),
         )
 
     def answer(self, if_none_match: bytes | None) -> Answer:
