@@ -141,7 +141,7 @@ class HotPath:
     """The app behind KeepAliveGuard (and CORS and the rate limiter, when on): answers the two read endpoints
     directly, passes the rest on to ``app``. A request under a prefix (``/api``, a root path: prefix.py)
     goes through ``Prefixes`` first, which strips it and comes back to ``route``; a request without one
-    pays two tests for that here instead of a middleware layer of its own (0.4 µs, bench/micro.py)."""
+    pays two tests for that here instead of a middleware layer of its own (0.4 µs, ``bench micro``)."""
 
     def __init__(
         self,
@@ -176,7 +176,7 @@ class HotPath:
     async def route(self, scope: Scope, receive: Any, send: Any) -> None:
         """A request whose prefix ``Prefixes`` took off: the same answers as without one. The tests are
         ``__call__``'s, written out again: a helper returning the endpoint cost 0.5-1.4 µs per request on
-        the root path (bench/micro.py, two alternated pairs)."""
+        the root path (`python -m bench micro`, two alternated pairs)."""
         if scope["type"] == "http" and scope["method"] == "GET":
             path = scope["path"]
             if path == LIST_PATH:
