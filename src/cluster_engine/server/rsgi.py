@@ -85,9 +85,9 @@ class RsgiService:
         status = 500
         try:
             status, headers, body = await endpoint.answer_safely(request, authorization, if_none_match)
-            if prefix:
-                converted = str_headers(with_prefix(headers, prefix))
-            elif isinstance(headers, Prebuilt):  # a cached answer's headers: converted once
+            if prefix:  # the same list when it has no Location or Link to prefix (then still Prebuilt)
+                headers = with_prefix(headers, prefix)
+            if isinstance(headers, Prebuilt):  # a cached answer's headers: converted once
                 if headers.text is None:
                     headers.text = str_headers(headers)
                 converted = headers.text
